@@ -1,0 +1,1 @@
+//! understudy-bitmap (under construction)

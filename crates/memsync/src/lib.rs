@@ -1,0 +1,1 @@
+//! understudy-memsync (under construction)

@@ -1,0 +1,1 @@
+//! understudy-nbd-proto (under construction)

@@ -1,0 +1,1 @@
+//! understudy-nbd-server (under construction)

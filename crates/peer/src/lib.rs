@@ -1,0 +1,1 @@
+//! understudy-peer (under construction)
