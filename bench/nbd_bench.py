@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""NBD server benchmark: understudy vs qemu-nbd vs nbdkit's file plugin.
+
+Serves the same raw file with each server, drives each with the same clients
+(fio's nbd engine, nbdcopy), interleaving the servers round by round, and
+reports medians and ratios. Also runs understudy with 3 enabled bitmaps to
+measure the block filter's cost.
+
+Usage: python3 bench/nbd_bench.py [--size-gib 2] [--rounds 3] [--runtime 8]
+       [--out bench-out] [--quick]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "understudy")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, proc, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start listening")
+
+
+def start(kind, image, port, work):
+    if kind == "understudy":
+        cmd = [BIN, "--log", "warn", "serve", "--listen", f"127.0.0.1:{port}",
+               "--control", os.path.join(work, f"ctl-{port}.sock"),
+               "--export", f"name=bench,path={image},format=raw"]
+    elif kind == "understudy+3bitmaps":
+        cmd = [BIN, "--log", "warn", "serve", "--listen", f"127.0.0.1:{port}",
+               "--control", os.path.join(work, f"ctl-{port}.sock"),
+               "--export", f"name=bench,path={image},format=raw,bitmap=a,bitmap=b,bitmap=c"]
+    elif kind == "qemu-nbd":
+        cmd = ["qemu-nbd", "-f", "raw", "-x", "bench", "-b", "127.0.0.1", "-p", str(port),
+               "-e", "64", "-t", "--cache=writeback", "--aio=threads", image]
+    elif kind == "nbdkit":
+        cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-e", "bench",
+               "file", f"file={image}"]
+    else:
+        raise ValueError(kind)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_port(port, proc)
+    return proc
+
+
+def stop(proc, work):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    # Bitmap sidecars are per-image: remove them so every run starts equal.
+    for f in os.listdir(work):
+        if ".bitmaps" in f:
+            os.unlink(os.path.join(work, f))
+
+
+def fio(uri, rw, bs, depth, runtime, size):
+    cmd = ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={depth}", f"--runtime={runtime}", "--time_based", f"--size={size}",
+           "--output-format=json", "--randrepeat=0"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = "read" if "read" in rw else "write"
+    return job[side]["iops"], job[side]["bw_bytes"]
+
+
+def nbdcopy(uri):
+    t = time.time()
+    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    return time.time() - t
+
+
+WORKLOADS = [
+    ("4k randwrite qd16 (IOPS)", lambda u, a: fio(u, "randwrite", "4k", 16, a.runtime, a.size)[0]),
+    ("4k randread qd16 (IOPS)", lambda u, a: fio(u, "randread", "4k", 16, a.runtime, a.size)[0]),
+    ("1M seq write (MB/s)", lambda u, a: fio(u, "write", "1M", 4, a.runtime, a.size)[1] / 1e6),
+    ("1M seq read (MB/s)", lambda u, a: fio(u, "read", "1M", 4, a.runtime, a.size)[1] / 1e6),
+    ("nbdcopy to null (MB/s)", lambda u, a: a.size_bytes / nbdcopy(u) / 1e6),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gib", type=float, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=8)
+    ap.add_argument("--servers", default="understudy,understudy+3bitmaps,qemu-nbd,nbdkit")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    args.size_bytes = int(args.size_gib * (1 << 30))
+    args.size = args.size_bytes
+    if not os.path.exists(BIN):
+        sys.exit(f"{BIN} is missing: run `cargo build --release -p understudy` first")
+    servers = args.servers.split(",")
+    work = tempfile.mkdtemp(prefix="nbd-bench-")
+    image = os.path.join(work, "bench.raw")
+    # Fully allocated, non-zero data so reads are real reads.
+    with open(image, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(args.size_bytes >> 20):
+            f.write(chunk)
+    results = {s: {w[0]: [] for w in WORKLOADS} for s in servers}
+    try:
+        for r in range(args.rounds):
+            # Rotate the order every round so no server always goes first.
+            order = servers[r % len(servers):] + servers[:r % len(servers)]
+            for s in order:
+                port = free_port()
+                proc = start(s, image, port, work)
+                uri = f"nbd://127.0.0.1:{port}/bench"
+                try:
+                    for name, fn in WORKLOADS:
+                        v = fn(uri, args)
+                        results[s][name].append(v)
+                        print(f"round {r + 1} {s:<22} {name:<26} {v:12.1f}", file=sys.stderr)
+                finally:
+                    stop(proc, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {s: {w: statistics.median(v) for w, v in d.items()} for s, d in results.items()}
+    if args.json:
+        print(json.dumps({"medians": med, "raw": results}, indent=2))
+        return
+    hdr = "| workload | " + " | ".join(servers) + " | us/nbdkit | us/qemu-nbd | 3 bitmaps/none |"
+    print(hdr)
+    print("|" + "---|" * (len(servers) + 4))
+    for name, _ in WORKLOADS:
+        row = [f"{med[s][name]:.0f}" for s in servers]
+        us = med.get("understudy", {}).get(name)
+        def ratio(other):
+            o = med.get(other, {}).get(name)
+            return f"{us / o:.2f}" if us and o else "-"
+        bm = med.get("understudy+3bitmaps", {}).get(name)
+        bmr = f"{bm / us:.3f}" if bm and us else "-"
+        print(f"| {name} | " + " | ".join(row) + f" | {ratio('nbdkit')} | {ratio('qemu-nbd')} | {bmr} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+//! understudy-migration (under construction)

@@ -1,0 +1,432 @@
+//! One client connection: the handshake, then workers that share the
+//! socket nbdkit-style.
+//!
+//! ```text
+//!  worker loop:  lock reader ─► read header (+ WRITE payload) ─► validate ─► unlock
+//!                     ▲             (spawn a helper if nobody else waits on the reader)
+//!                     │                                   │
+//!                     └──── lock writer ◄─ one write ◄── do the I/O
+//! ```
+//!
+//! A connection starts with one worker (the connection's own thread).
+//! When a worker takes a request and no other worker is waiting to read,
+//! it spawns another, up to `max_workers_per_connection`, so pipelined
+//! requests run in parallel while an idle connection costs one thread.
+//! Helpers that stay idle for `idle_worker_timeout` while another worker
+//! waits retire. Replies may leave out of order; each goes out with one
+//! `write` under the writer lock so replies never interleave.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use understudy_nbd_proto::wire::REQUEST_HEADER_LEN;
+use understudy_nbd_proto::{
+    Event, Handshake, HandshakeError, MAX_REQUEST_LEN, NbdErrno, Negotiated, Op, Request,
+    RequestError, SelectedContext, TransmissionInfo, ValidRequest, validate_request,
+};
+
+use crate::dispatch::{self, ReplyBuf, Target, Worker};
+use crate::export::{Catalog, Export};
+use crate::server::{Shared, WORKER_STACK};
+use crate::stats::bump;
+use crate::stream::Stream;
+
+/// Read buffer per connection: several pipelined small requests (or one
+/// small write with its payload) per `read` system call.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Why a connection ended abnormally (for the debug log).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    /// Socket options or cloning failed.
+    #[error("cannot set up the client socket")]
+    Setup(#[source] io::Error),
+    /// The client did not finish the handshake in time.
+    #[error("handshake not finished within the handshake timeout; the client is too slow or stuck")]
+    HandshakeTimeout,
+    /// The client went away during the handshake.
+    #[error("client closed the connection during the handshake")]
+    HandshakeEof,
+    /// Reading or writing failed during the handshake.
+    #[error("handshake I/O failed")]
+    HandshakeIo(#[source] io::Error),
+    /// The client broke the handshake protocol.
+    #[error("handshake refused")]
+    Handshake(#[source] HandshakeError),
+}
+
+/// Lock, ignoring poisoning: nothing panics while holding these locks, and
+/// the protected socket state stays consistent regardless.
+fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Serve one accepted connection until it ends.
+pub(crate) fn serve(shared: &Arc<Shared>, id: u64, mut stream: Stream) -> Result<(), ConnError> {
+    let mut reader =
+        BufReader::with_capacity(READ_BUFFER, stream.try_clone().map_err(ConnError::Setup)?);
+    let Some(neg) = handshake(shared, &mut stream, &mut reader)? else {
+        tracing::debug!(conn = id, "client aborted the handshake");
+        return Ok(());
+    };
+    tracing::debug!(
+        conn = id,
+        export = %neg.name,
+        structured = neg.structured,
+        contexts = neg.contexts.len(),
+        via_go = neg.via_go,
+        "entering transmission"
+    );
+    // Idle clients are legitimate; the read timeout only lets helper
+    // workers notice they are idle.
+    stream
+        .set_read_timeout(Some(shared.config.idle_worker_timeout))
+        .and_then(|()| stream.set_write_timeout(shared.config.write_timeout))
+        .map_err(ConnError::Setup)?;
+    let control = stream.try_clone().map_err(ConnError::Setup)?;
+    let conn = Arc::new(Conn {
+        id,
+        shared: shared.clone(),
+        info: neg.transmission(),
+        export: neg.export,
+        structured: neg.structured,
+        contexts: neg.contexts,
+        reader: std::sync::Mutex::new(reader),
+        writer: std::sync::Mutex::new(stream),
+        control,
+        closing: AtomicBool::new(false),
+        waiting: AtomicUsize::new(1),
+        workers: AtomicUsize::new(1),
+        handles: Mutex::new(Vec::new()),
+    });
+    conn.worker_loop(true);
+    conn.teardown();
+    Ok(())
+}
+
+fn handshake(
+    shared: &Shared,
+    stream: &mut Stream,
+    reader: &mut BufReader<Stream>,
+) -> Result<Option<Negotiated<Arc<Export>>>, ConnError> {
+    let timeout = shared.config.handshake_timeout;
+    let deadline = Instant::now() + timeout;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(ConnError::Setup)?;
+    let mut hs = Handshake::new();
+    stream
+        .write_all(&hs.greeting())
+        .map_err(ConnError::HandshakeIo)?;
+    let catalog = Catalog(&shared.registry);
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ConnError::HandshakeTimeout);
+        }
+        reader
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(ConnError::Setup)?;
+        let input = match reader.fill_buf() {
+            Ok([]) => return Err(ConnError::HandshakeEof),
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_timeout(&e) => return Err(ConnError::HandshakeTimeout),
+            Err(e) => return Err(ConnError::HandshakeIo(e)),
+        };
+        let result = hs.feed(input, &catalog, &mut out);
+        // Send what was produced even when the handshake failed.
+        if !out.is_empty() {
+            stream.write_all(&out).map_err(ConnError::HandshakeIo)?;
+            out.clear();
+        }
+        let progress = result.map_err(ConnError::Handshake)?;
+        reader.consume(progress.consumed);
+        match progress.event {
+            None => {}
+            Some(Event::Abort) => return Ok(None),
+            Some(Event::Transmission(n)) => return Ok(Some(n)),
+        }
+    }
+}
+
+/// Why the reading side stopped.
+#[derive(Debug)]
+enum End {
+    Eof,
+    Io(io::Error),
+    Unsync(RequestError),
+    PayloadTooLarge(Request),
+    EofInPayload(Request),
+}
+
+enum Incoming {
+    Request(Request, Result<ValidRequest, NbdErrno>),
+    /// The read timed out before any byte of a header arrived.
+    Idle,
+    End(End),
+}
+
+/// Read exactly `buf.len()` bytes, riding out the idle read timeout.
+fn read_full(r: &mut impl Read, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match r.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || is_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn read_request(
+    reader: &mut BufReader<Stream>,
+    w: &mut Worker,
+    info: &TransmissionInfo,
+) -> Incoming {
+    // Wait for the first byte separately: a timeout here loses nothing.
+    loop {
+        match reader.fill_buf() {
+            Ok([]) => return Incoming::End(End::Eof),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => return Incoming::Idle,
+            Err(e) => return Incoming::End(End::Io(e)),
+        }
+    }
+    let mut hdr = [0u8; REQUEST_HEADER_LEN];
+    if let Err(e) = read_full(reader, &mut hdr) {
+        return Incoming::End(End::Io(e));
+    }
+    let req = match Request::parse(&hdr) {
+        Ok(r) => r,
+        Err(e) => return Incoming::End(End::Unsync(e)),
+    };
+    let payload = req.payload_len();
+    if payload > MAX_REQUEST_LEN {
+        // Skipping up to 4 GiB to resynchronise is not worth it.
+        return Incoming::End(End::PayloadTooLarge(req));
+    }
+    if payload > 0 {
+        w.ensure(payload as usize);
+        if read_full(reader, &mut w.buf[..payload as usize]).is_err() {
+            return Incoming::End(End::EofInPayload(req));
+        }
+    }
+    Incoming::Request(req, validate_request(&req, info))
+}
+
+pub(crate) struct Conn {
+    id: u64,
+    shared: Arc<Shared>,
+    export: Arc<Export>,
+    info: TransmissionInfo,
+    structured: bool,
+    contexts: Vec<SelectedContext>,
+    // std mutexes: futex-based with a short spin and no `sched_yield`,
+    // which measured cheaper than parking_lot's spinning on 2 cores.
+    reader: std::sync::Mutex<BufReader<Stream>>,
+    writer: std::sync::Mutex<Stream>,
+    /// A handle used only to shut the socket down.
+    control: Stream,
+    /// No more requests are read once set.
+    closing: AtomicBool,
+    /// Workers waiting for (or holding) the reader without a request.
+    waiting: AtomicUsize,
+    /// Live workers, including the connection thread.
+    workers: AtomicUsize,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Conn {
+    fn target(&self) -> Target<'_> {
+        Target {
+            disk: &*self.export.disk,
+            dirty: self.export.dirty.as_deref(),
+            contexts: &self.contexts,
+            structured: self.structured,
+            stats: &self.shared.stats,
+        }
+    }
+
+    /// Stop reading; optionally cut the socket so blocked readers and
+    /// writers return.
+    fn close(&self, how: Option<Shutdown>) {
+        self.closing.store(true, Ordering::Release);
+        if let Some(how) = how {
+            self.control.shutdown(how);
+        }
+    }
+
+    /// Leave the pool if someone else is waiting to read. The connection
+    /// thread never retires.
+    fn try_retire(&self) -> bool {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > 1).then(|| n - 1)
+            })
+            .is_ok()
+    }
+
+    fn worker_loop(self: &Arc<Self>, primary: bool) {
+        let mut w = Worker::default();
+        loop {
+            // Idle helpers retire when their read times out (below), one
+            // turn at the reader per `idle_worker_timeout`.
+            let mut reader = lock(&self.reader);
+            if self.closing.load(Ordering::Acquire) {
+                drop(reader);
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            let (req, valid) = match read_request(&mut reader, &mut w, &self.info) {
+                Incoming::Request(r, v) => (r, v),
+                Incoming::Idle => {
+                    drop(reader);
+                    if !primary && self.try_retire() {
+                        return;
+                    }
+                    continue;
+                }
+                Incoming::End(end) => {
+                    self.close(None);
+                    drop(reader);
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    self.on_end(&mut w, end);
+                    return;
+                }
+            };
+            if matches!(valid, Ok(ValidRequest { op: Op::Disc, .. })) {
+                // Soft disconnect: read nothing more; in-flight requests
+                // finish before the connection thread closes the socket.
+                bump(&self.shared.stats.disconnects, 1);
+                tracing::debug!(conn = self.id, "client sent NBD_CMD_DISC");
+                self.close(None);
+                drop(reader);
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            drop(reader);
+            if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.maybe_spawn();
+            }
+            let t = self.target();
+            let reply = match valid {
+                Ok(v) => dispatch::execute(&t, &mut w, v),
+                Err(errno) => {
+                    tracing::trace!(conn = self.id, ?req, %errno, "request refused");
+                    dispatch::reject(&t, &mut w, req.cookie, req.command, errno)
+                }
+            };
+            self.send(&w, reply);
+            w.trim();
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn send(&self, w: &Worker, reply: ReplyBuf) {
+        let bytes = match reply {
+            ReplyBuf::Out => &w.out[..],
+            ReplyBuf::Buf(n) => &w.buf[..n],
+        };
+        if bytes.is_empty() {
+            return;
+        }
+        let mut s = lock(&self.writer);
+        if let Err(e) = s.write_all(bytes) {
+            drop(s);
+            tracing::debug!(conn = self.id, "sending a reply failed, closing: {e}");
+            self.close(Some(Shutdown::Both));
+        }
+    }
+
+    fn on_end(&self, w: &mut Worker, end: End) {
+        match end {
+            End::Eof => tracing::debug!(conn = self.id, "client closed the connection"),
+            End::Io(e) => tracing::debug!(conn = self.id, "reading from the client failed: {e}"),
+            End::Unsync(e) => tracing::debug!(conn = self.id, "closing: {e}"),
+            End::EofInPayload(r) => tracing::debug!(
+                conn = self.id,
+                cookie = r.cookie,
+                "client vanished in the middle of a write payload; nothing was written"
+            ),
+            End::PayloadTooLarge(r) => {
+                tracing::debug!(
+                    conn = self.id,
+                    len = r.length,
+                    "write payload above {MAX_REQUEST_LEN} bytes cannot be skipped; closing"
+                );
+                bump(&self.shared.stats.invalid_requests, 1);
+                let t = self.target();
+                let reply = dispatch::reject(&t, w, r.cookie, r.command, NbdErrno::Overflow);
+                self.send(w, reply);
+                self.control.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    fn maybe_spawn(self: &Arc<Self>) {
+        let mut handles = self.handles.lock();
+        if self.closing.load(Ordering::Acquire)
+            || self.workers.load(Ordering::Acquire) >= self.shared.config.max_workers_per_connection
+        {
+            return;
+        }
+        // Finished helpers have exited; dropping their handles is enough.
+        handles.retain(|h| !h.is_finished());
+        self.workers.fetch_add(1, Ordering::AcqRel);
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let conn = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn{}", self.id))
+            .stack_size(WORKER_STACK)
+            .spawn(move || {
+                conn.worker_loop(false);
+                conn.workers.fetch_sub(1, Ordering::AcqRel);
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                self.workers.fetch_sub(1, Ordering::AcqRel);
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                tracing::debug!(
+                    conn = self.id,
+                    "cannot spawn a worker, continuing with fewer: {e}"
+                );
+            }
+        }
+    }
+
+    /// Wait for every helper (and so every in-flight request) to finish,
+    /// then close the socket.
+    fn teardown(&self) {
+        // Helpers blocked in a read (holding the reader) must be woken.
+        self.control.shutdown(Shutdown::Read);
+        loop {
+            let hs: Vec<JoinHandle<()>> = std::mem::take(&mut *self.handles.lock());
+            if hs.is_empty() {
+                break;
+            }
+            for h in hs {
+                let _ = h.join();
+            }
+        }
+        self.control.shutdown(Shutdown::Both);
+        tracing::debug!(conn = self.id, "connection closed");
+    }
+}

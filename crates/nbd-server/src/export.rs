@@ -1,0 +1,345 @@
+//! Exports, the runtime registry of exports, and the dirty-map interface.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use understudy_block::Disk;
+use understudy_nbd_proto::meta::QEMU_DIRTY_BITMAP_PREFIX;
+use understudy_nbd_proto::wire::*;
+use understudy_nbd_proto::{
+    BlockSize, ExportCatalog, ExportDescriptor, MAX_REQUEST_LEN, MetaContext,
+};
+
+/// Source of dirty-block information, offered to clients as
+/// `qemu:dirty-bitmap:NAME` metadata contexts.
+pub trait DirtyMapSource: Send + Sync + Debug {
+    /// Names of the bitmaps to offer.
+    fn bitmap_names(&self) -> Vec<String>;
+    /// Dirty state of `[offset, offset + len)` as contiguous `(length,
+    /// dirty)` runs starting at `offset`. The runs may stop early (the
+    /// server asks again) or run past the range (the server clamps).
+    /// `None` if the bitmap does not exist (any more).
+    fn dirty_extents(&self, name: &str, offset: u64, len: u64) -> Option<Vec<(u64, bool)>>;
+}
+
+/// One named disk offered over NBD.
+#[derive(Debug)]
+pub struct Export {
+    /// Export name clients ask for.
+    pub name: String,
+    /// Description shown by `nbdinfo --list`.
+    pub description: String,
+    /// The disk.
+    pub disk: Arc<dyn Disk>,
+    /// Refuse writes even if the disk allows them.
+    pub read_only: bool,
+    /// Dirty bitmaps to offer as metadata contexts.
+    pub dirty: Option<Arc<dyn DirtyMapSource>>,
+}
+
+impl Export {
+    /// A writable export without description or bitmaps.
+    pub fn new(name: impl Into<String>, disk: Arc<dyn Disk>) -> Self {
+        Self {
+            name: name.into(),
+            description: String::new(),
+            disk,
+            read_only: false,
+            dirty: None,
+        }
+    }
+
+    /// Set the description.
+    pub fn with_description(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
+    }
+
+    /// Make the export read-only (or not).
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Offer the bitmaps of `dirty`.
+    pub fn with_dirty(mut self, dirty: Arc<dyn DirtyMapSource>) -> Self {
+        self.dirty = Some(dirty);
+        self
+    }
+
+    /// What a handshake tells clients about this export right now.
+    pub(crate) fn descriptor(&self) -> ExportDescriptor {
+        let info = self.disk.info();
+        let ro = self.read_only || info.read_only;
+        let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+        if ro {
+            flags |= FLAG_READ_ONLY;
+        } else {
+            flags |= FLAG_SEND_WRITE_ZEROES;
+            if info.can_discard {
+                flags |= FLAG_SEND_TRIM;
+            }
+            if info.can_fast_zero {
+                flags |= FLAG_SEND_FAST_ZERO;
+            }
+        }
+        // Multi-conn: every connection to an export shares the one disk
+        // object, and its flush covers writes made through any handle (for
+        // raw: one descriptor, flush = fdatasync of it). Read-only exports
+        // have nothing to flush.
+        if ro || info.flush_covers_all_handles {
+            flags |= FLAG_CAN_MULTI_CONN;
+        }
+        let preferred = info.preferred_block_size;
+        let preferred =
+            if preferred.is_power_of_two() && (512..=MAX_REQUEST_LEN).contains(&preferred) {
+                preferred
+            } else {
+                4096
+            };
+        let mut contexts = vec![MetaContext::BaseAllocation];
+        if let Some(d) = &self.dirty {
+            contexts.extend(
+                d.bitmap_names()
+                    .into_iter()
+                    .filter(|n| {
+                        !n.is_empty() && n.len() + QEMU_DIRTY_BITMAP_PREFIX.len() <= MAX_STRING_LEN
+                    })
+                    .map(MetaContext::DirtyBitmap),
+            );
+        }
+        ExportDescriptor {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.disk.size(),
+            flags,
+            block_size: BlockSize {
+                min: 1,
+                preferred,
+                max: MAX_REQUEST_LEN,
+            },
+            contexts,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    exports: HashMap<String, Arc<Export>>,
+    default: Option<String>,
+}
+
+/// Exports by name. Changes apply to handshakes that start afterwards;
+/// connections already transmitting keep the export they opened.
+#[derive(Debug, Default)]
+pub struct ExportRegistry {
+    inner: RwLock<Registry>,
+}
+
+impl ExportRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add or replace an export; returns the export it replaced.
+    pub fn insert(&self, export: Export) -> Option<Arc<Export>> {
+        self.insert_arc(Arc::new(export))
+    }
+
+    /// Add or replace an already shared export.
+    pub fn insert_arc(&self, export: Arc<Export>) -> Option<Arc<Export>> {
+        tracing::debug!(name = %export.name, "export added");
+        self.inner
+            .write()
+            .exports
+            .insert(export.name.clone(), export)
+    }
+
+    /// Remove an export; returns it if it existed.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let mut r = self.inner.write();
+        if r.default.as_deref() == Some(name) {
+            r.default = None;
+        }
+        tracing::debug!(name, "export removed");
+        r.exports.remove(name)
+    }
+
+    /// The export with exactly this name.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.inner.read().exports.get(name).cloned()
+    }
+
+    /// Choose which export the empty name `""` selects (`None`: only an
+    /// export literally named `""`, or the only export if there is one).
+    pub fn set_default(&self, name: Option<&str>) {
+        self.inner.write().default = name.map(str::to_owned);
+    }
+
+    /// Resolve a client-supplied name: an exact match first; for `""`, the
+    /// default export, else the only export.
+    pub fn resolve(&self, name: &str) -> Option<Arc<Export>> {
+        let r = self.inner.read();
+        if let Some(e) = r.exports.get(name) {
+            return Some(e.clone());
+        }
+        if !name.is_empty() {
+            return None;
+        }
+        if let Some(d) = &r.default {
+            return r.exports.get(d).cloned();
+        }
+        if r.exports.len() == 1 {
+            return r.exports.values().next().cloned();
+        }
+        None
+    }
+
+    /// Export names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.read().exports.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Number of exports.
+    pub fn len(&self) -> usize {
+        self.inner.read().exports.len()
+    }
+
+    /// Whether there are no exports.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The registry as the handshake sees it.
+pub(crate) struct Catalog<'a>(pub &'a ExportRegistry);
+
+impl ExportCatalog for Catalog<'_> {
+    type Handle = Arc<Export>;
+
+    fn lookup(&self, name: &str) -> Option<(ExportDescriptor, Arc<Export>)> {
+        let e = self.0.resolve(name)?;
+        Some((e.descriptor(), e))
+    }
+
+    fn list(&self, f: &mut dyn FnMut(&str, &str)) {
+        let exports: Vec<Arc<Export>> = {
+            let r = self.0.inner.read();
+            let mut v: Vec<_> = r.exports.values().cloned().collect();
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        for e in exports {
+            f(&e.name, &e.description);
+        }
+    }
+}
+
+/// A simple in-memory [`DirtyMapSource`]: named bitmaps of fixed
+/// granularity, for tests and examples.
+#[derive(Debug)]
+pub struct MemoryDirtyMap {
+    size: u64,
+    granularity: u64,
+    maps: Mutex<BTreeMap<String, Vec<bool>>>,
+}
+
+impl MemoryDirtyMap {
+    /// Bitmaps covering `size` bytes in blocks of `granularity` bytes
+    /// (treated as at least 1).
+    pub fn new(size: u64, granularity: u64) -> Self {
+        Self {
+            size,
+            granularity: granularity.max(1),
+            maps: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Add an all-clean bitmap.
+    pub fn add_bitmap(&self, name: &str) {
+        let blocks = self.size.div_ceil(self.granularity) as usize;
+        self.maps
+            .lock()
+            .insert(name.to_owned(), vec![false; blocks]);
+    }
+
+    /// Remove a bitmap.
+    pub fn remove_bitmap(&self, name: &str) {
+        self.maps.lock().remove(name);
+    }
+
+    /// Mark every block touching `[offset, offset + len)` dirty.
+    pub fn mark_dirty(&self, name: &str, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let g = self.granularity;
+        let end = offset.saturating_add(len).min(self.size);
+        if let Some(m) = self.maps.lock().get_mut(name) {
+            for b in (offset / g)..end.div_ceil(g) {
+                if let Some(bit) = m.get_mut(b as usize) {
+                    *bit = true;
+                }
+            }
+        }
+    }
+}
+
+impl DirtyMapSource for MemoryDirtyMap {
+    fn bitmap_names(&self) -> Vec<String> {
+        self.maps.lock().keys().cloned().collect()
+    }
+
+    fn dirty_extents(&self, name: &str, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+        let maps = self.maps.lock();
+        let m = maps.get(name)?;
+        let end = offset.saturating_add(len).min(self.size);
+        let g = self.granularity;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / g;
+            let block_end = ((block + 1) * g).min(end);
+            let dirty = m.get(block as usize).copied().unwrap_or(false);
+            match out.last_mut() {
+                Some((l, d)) if *d == dirty => *l += block_end - pos,
+                _ => out.push((block_end - pos, dirty)),
+            }
+            pos = block_end;
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_dirty_map_runs() {
+        let m = MemoryDirtyMap::new(10_000, 1000);
+        m.add_bitmap("x");
+        m.mark_dirty("x", 1500, 1); // block 1
+        m.mark_dirty("x", 3999, 2); // blocks 3 and 4
+        assert_eq!(
+            m.dirty_extents("x", 500, 9500).unwrap(),
+            vec![
+                (500, false),
+                (1000, true),
+                (1000, false),
+                (2000, true),
+                (5000, false)
+            ]
+        );
+        assert_eq!(m.dirty_extents("x", 1200, 100).unwrap(), vec![(100, true)]);
+        assert!(m.dirty_extents("y", 0, 1).is_none());
+        assert_eq!(m.bitmap_names(), vec!["x".to_string()]);
+        m.remove_bitmap("x");
+        assert!(m.dirty_extents("x", 0, 1).is_none());
+    }
+}

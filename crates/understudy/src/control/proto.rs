@@ -1,0 +1,128 @@
+//! Wire format of the control API: JSON, one object per line, over a Unix
+//! socket. See docs/control-api.md.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted (bytes). Longer lines close the connection.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Version of the control protocol, reported by `server.info`.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// A request: `{"id": 1, "method": "bitmap.add", "params": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// Echoed in the response so clients can pipeline.
+    #[serde(default)]
+    pub id: u64,
+    /// Method name, `noun.verb`.
+    pub method: String,
+    /// Method parameters.
+    #[serde(default)]
+    pub params: serde_json::Value,
+}
+
+/// A response: exactly one per request, in request order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's id.
+    pub id: u64,
+    /// Whether `result` (true) or `error` (false) is present.
+    pub ok: bool,
+    /// Method result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code: `bad_request`, `not_found`, `exists`,
+    /// `invalid`, `io`, `unsupported`.
+    pub code: String,
+    /// What happened and what to do next.
+    pub message: String,
+}
+
+impl Response {
+    /// Success.
+    pub fn ok(id: u64, result: serde_json::Value) -> Self {
+        Self {
+            id,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// Failure.
+    pub fn err(id: u64, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                code: code.to_owned(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// Params of the `bitmap.*` methods.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BitmapParams {
+    /// Export name.
+    pub export: String,
+    /// Bitmap name (absent for `bitmap.list`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Granularity in bytes, for `bitmap.add`.
+    #[serde(default)]
+    pub granularity: Option<u64>,
+}
+
+/// One bitmap, as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BitmapEntry {
+    /// Name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Whether writes are recorded.
+    pub enabled: bool,
+    /// Bytes marked dirty.
+    pub dirty_bytes: u64,
+    /// Whether the bitmap was restored after an unclean stop (and so may
+    /// over-mark by up to the write-intent bound).
+    pub recovered: bool,
+}
+
+/// One export, as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportEntry {
+    /// Name.
+    pub name: String,
+    /// Image path.
+    pub path: String,
+    /// Image format.
+    pub format: String,
+    /// Virtual size.
+    pub size: u64,
+    /// Read-only.
+    pub read_only: bool,
+    /// Bitmaps.
+    pub bitmaps: Vec<BitmapEntry>,
+}
+
+/// A run of the dirty map.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirtyRun {
+    /// Offset.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+}

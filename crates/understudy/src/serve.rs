@@ -1,0 +1,519 @@
+//! `understudy serve`: open the images, wrap each in the block filter with
+//! its bitmap store, serve them over NBD, and answer the control socket.
+//!
+//! Stop order matters for data safety: NBD first (in-flight requests finish
+//! and are acknowledged), then every disk is flushed, then every bitmap store
+//! is closed cleanly (snapshot written, intent log emptied).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use parking_lot::Mutex;
+use serde_json::json;
+use understudy_bitmap::{BitmapStore, StoreError, StoreOptions};
+use understudy_block::{Disk, OpenOptions, open_disk};
+use understudy_filter::FilterDisk;
+use understudy_nbd_server::{DirtyMapSource, Export, Server, ServerConfig};
+
+use crate::control::proto::{
+    BitmapEntry, BitmapParams, CONTROL_VERSION, DirtyRun, ExportEntry, Request, Response,
+};
+use crate::control::server::{ControlServer, Handler};
+use crate::spec::{ExportSpec, check_granularity, parse_size};
+
+/// Arguments of `understudy serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TCP address to listen on (repeatable). Default 127.0.0.1:10809 when
+    /// neither --listen nor --socket is given.
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// Unix socket path to listen on (repeatable).
+    #[arg(long)]
+    pub socket: Vec<PathBuf>,
+    /// An export: name=NAME,path=IMAGE[,format=raw|qcow2][,readonly][,bitmap=NAME[:GRANULARITY]]
+    /// (repeatable). A bitmap named here is created on the first start and
+    /// reopened with its contents on every later start.
+    #[arg(long = "export", required = true)]
+    pub exports: Vec<ExportSpec>,
+    /// Control socket path.
+    #[arg(long, default_value = crate::DEFAULT_CONTROL)]
+    pub control: PathBuf,
+    /// How often bitmaps are snapshotted (which also retires write-intent
+    /// extents and so bounds over-marking after a crash).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub persist_interval: Duration,
+    /// Write-intent extent size: after a crash, each armed extent is marked
+    /// dirty whole. Smaller is tighter but costs more syncs.
+    #[arg(long, default_value = "64M")]
+    pub intent_extent: String,
+    /// Most worker threads per NBD connection.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+}
+
+/// One served image.
+#[derive(Debug)]
+struct ExportState {
+    spec: ExportSpec,
+    /// The filtered disk that NBD clients write through.
+    disk: Arc<dyn Disk>,
+    /// `None` for read-only exports (nothing to record).
+    store: Option<Arc<BitmapStore>>,
+    persister: Mutex<Option<understudy_bitmap::Persister>>,
+}
+
+/// Offers a bitmap store's bitmaps as `qemu:dirty-bitmap:NAME` contexts.
+#[derive(Debug)]
+struct StoreDirtyMap(Arc<BitmapStore>);
+
+impl DirtyMapSource for StoreDirtyMap {
+    fn bitmap_names(&self) -> Vec<String> {
+        self.0.list().into_iter().map(|b| b.name).collect()
+    }
+    fn dirty_extents(&self, name: &str, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+        self.0.dirty_extents(name, offset, len)
+    }
+}
+
+/// A running server: exports, NBD listeners and the control socket.
+pub struct Daemon {
+    exports: BTreeMap<String, ExportState>,
+    nbd: Server,
+    accept_threads: Vec<std::thread::JoinHandle<()>>,
+    /// Bound TCP addresses (resolved, so port 0 shows the real port).
+    pub tcp_addrs: Vec<std::net::SocketAddr>,
+    stop_tx: mpsc::Sender<&'static str>,
+    stop_rx: Mutex<Option<mpsc::Receiver<&'static str>>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("exports", &self.exports.keys().collect::<Vec<_>>())
+            .field("tcp_addrs", &self.tcp_addrs)
+            .finish()
+    }
+}
+
+fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
+    if !spec.path.exists() {
+        bail!(
+            "image {} does not exist: create it first (e.g. `qemu-img create -f raw {} 1G`)",
+            spec.path.display(),
+            spec.path.display()
+        );
+    }
+    let inner = open_disk(&OpenOptions {
+        path: spec.path.clone(),
+        format: spec.format,
+        read_only: spec.read_only,
+    })
+    .with_context(|| format!("opening export {:?}", spec.name))?;
+    let info = inner.info();
+    if spec.read_only || info.read_only {
+        return Ok(ExportState {
+            spec: spec.clone(),
+            disk: inner,
+            store: None,
+            persister: Mutex::new(None),
+        });
+    }
+    let intent_extent_size = parse_size(&args.intent_extent)?;
+    let store = BitmapStore::open(
+        &spec.path,
+        info.size,
+        StoreOptions {
+            intent_extent_size,
+            ..StoreOptions::default()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "opening the bitmaps of {} (sidecar files next to the image)",
+            spec.path.display()
+        )
+    })?;
+    let store = Arc::new(store);
+    for b in &spec.bitmaps {
+        match store.list().into_iter().find(|i| i.name == b.name) {
+            Some(existing) if existing.granularity != b.granularity => bail!(
+                "bitmap {:?} of {} exists with granularity {} but --export asks for {}: \
+                 use the existing granularity or remove the bitmap first",
+                b.name,
+                spec.name,
+                existing.granularity,
+                b.granularity
+            ),
+            Some(existing) => {
+                if existing.recovered {
+                    tracing::warn!(
+                        export = %spec.name, bitmap = %b.name,
+                        "bitmap restored after an unclean stop; it may over-mark by up to the write-intent bound"
+                    );
+                }
+                if !existing.enabled {
+                    tracing::info!(export = %spec.name, bitmap = %b.name, "bitmap reopened disabled, as it was left");
+                }
+            }
+            None => store
+                .add(&b.name, b.granularity)
+                .with_context(|| format!("creating bitmap {:?}", b.name))?,
+        }
+    }
+    let persister = store
+        .spawn_persister(args.persist_interval)
+        .context("starting the bitmap persister thread")?;
+    let disk: Arc<dyn Disk> = Arc::new(FilterDisk::new(inner, store.clone()));
+    Ok(ExportState {
+        spec: spec.clone(),
+        disk,
+        store: Some(store),
+        persister: Mutex::new(Some(persister)),
+    })
+}
+
+impl Daemon {
+    /// Open every export and start listening. Returns once clients can
+    /// connect.
+    pub fn start(args: &ServeArgs) -> Result<Arc<Self>> {
+        let mut exports = BTreeMap::new();
+        for spec in &args.exports {
+            if exports.contains_key(&spec.name) {
+                bail!("export name {:?} is given twice: names must be unique", spec.name);
+            }
+            exports.insert(spec.name.clone(), open_export(spec, args)?);
+        }
+        let nbd = Server::new(ServerConfig {
+            max_workers_per_connection: args.workers,
+            ..ServerConfig::default()
+        })?;
+        for st in exports.values() {
+            let mut e = Export::new(st.spec.name.clone(), st.disk.clone())
+                .with_description(format!("understudy export of {}", st.spec.path.display()))
+                .with_read_only(st.spec.read_only);
+            if let Some(store) = &st.store {
+                e = e.with_dirty(Arc::new(StoreDirtyMap(store.clone())));
+            }
+            nbd.exports().insert(e);
+        }
+        if exports.len() == 1 {
+            nbd.exports().set_default(exports.keys().next().map(String::as_str));
+        }
+        let mut listen = args.listen.clone();
+        if listen.is_empty() && args.socket.is_empty() {
+            listen.push("127.0.0.1:10809".into());
+        }
+        let mut accept_threads = Vec::new();
+        let mut tcp_addrs = Vec::new();
+        for addr in &listen {
+            let l = TcpListener::bind(addr).with_context(|| {
+                format!("cannot listen on {addr}: is the port in use? pick another with --listen")
+            })?;
+            tcp_addrs.push(l.local_addr()?);
+            let s = nbd.clone();
+            accept_threads.push(std::thread::Builder::new().name("nbd-accept".into()).spawn(
+                move || {
+                    if let Err(e) = s.serve_tcp(l) {
+                        tracing::error!("NBD TCP listener failed: {e:#}");
+                    }
+                },
+            )?);
+        }
+        for path in &args.socket {
+            if path.exists() {
+                std::fs::remove_file(path).with_context(|| {
+                    format!("removing old socket file {}", path.display())
+                })?;
+            }
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on Unix socket {}", path.display()))?;
+            let s = nbd.clone();
+            accept_threads.push(std::thread::Builder::new().name("nbd-accept".into()).spawn(
+                move || {
+                    if let Err(e) = s.serve_unix(l) {
+                        tracing::error!("NBD Unix listener failed: {e:#}");
+                    }
+                },
+            )?);
+        }
+        let (stop_tx, stop_rx) = mpsc::channel();
+        Ok(Arc::new(Self {
+            exports,
+            nbd,
+            accept_threads,
+            tcp_addrs,
+            stop_tx,
+            stop_rx: Mutex::new(Some(stop_rx)),
+        }))
+    }
+
+    /// Ask the daemon to stop (from a signal or the control API).
+    pub fn request_stop(&self, why: &'static str) {
+        let _ = self.stop_tx.send(why);
+    }
+
+    /// Block until a stop is requested.
+    pub fn wait_for_stop(&self) -> &'static str {
+        let rx = self.stop_rx.lock().take();
+        match rx {
+            Some(rx) => rx.recv().unwrap_or("all stop senders dropped"),
+            None => "already waited",
+        }
+    }
+
+    /// Stop serving, flush every disk and close every bitmap store cleanly.
+    pub fn shutdown(&self) -> Result<()> {
+        self.nbd.shutdown_handle().shutdown();
+        let mut failed = Vec::new();
+        for (name, st) in &self.exports {
+            if let Err(e) = st.disk.flush() {
+                tracing::error!(export = %name, "final flush failed: {e}");
+                failed.push(name.clone());
+            }
+            if let Some(p) = st.persister.lock().take() {
+                p.stop();
+            }
+            if let Some(store) = &st.store
+                && let Err(e) = store.close()
+            {
+                tracing::error!(export = %name, "persisting bitmaps failed: {e}");
+                failed.push(name.clone());
+            }
+        }
+        if !failed.is_empty() {
+            bail!(
+                "shutdown could not flush or persist {failed:?}; the bitmaps will be recovered as after a crash on the next start"
+            );
+        }
+        Ok(())
+    }
+
+    /// Join the accept threads (after [`Daemon::shutdown`]).
+    pub fn join(self: Arc<Self>) {
+        if let Ok(mut d) = Arc::try_unwrap(self) {
+            for t in d.accept_threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn export(&self, name: &str) -> Result<&ExportState, Response> {
+        self.exports.get(name).ok_or_else(|| {
+            Response::err(
+                0,
+                "not_found",
+                format!(
+                    "no export named {name:?}; exports are {:?}",
+                    self.exports.keys().collect::<Vec<_>>()
+                ),
+            )
+        })
+    }
+
+    fn entries(&self) -> Vec<ExportEntry> {
+        self.exports
+            .values()
+            .map(|st| ExportEntry {
+                name: st.spec.name.clone(),
+                path: st.spec.path.display().to_string(),
+                format: st.disk.info().format.to_string(),
+                size: st.disk.size(),
+                read_only: st.spec.read_only,
+                bitmaps: st.store.as_ref().map(|s| bitmap_entries(s)).unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+fn bitmap_entries(store: &BitmapStore) -> Vec<BitmapEntry> {
+    store
+        .list()
+        .into_iter()
+        .map(|b| BitmapEntry {
+            name: b.name,
+            granularity: b.granularity,
+            enabled: b.enabled,
+            dirty_bytes: b.dirty_bytes,
+            recovered: b.recovered,
+        })
+        .collect()
+}
+
+fn store_error(e: StoreError) -> Response {
+    let msg = e.to_string();
+    let code = match &e {
+        StoreError::NotFound { .. } => "not_found",
+        StoreError::Exists { .. } => "exists",
+        _ if msg.contains("granularity") || msg.contains("name") => "invalid",
+        _ => "io",
+    };
+    let mut full = msg;
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        full.push_str(": ");
+        full.push_str(&s.to_string());
+        src = s.source();
+    }
+    Response::err(0, code, full)
+}
+
+impl Handler for Daemon {
+    fn handle(&self, req: &Request) -> Response {
+        let mut resp = self.dispatch(req);
+        resp.id = req.id;
+        resp
+    }
+}
+
+impl Daemon {
+    fn dispatch(&self, req: &Request) -> Response {
+        match req.method.as_str() {
+            "server.info" => Response::ok(
+                0,
+                json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "control_version": CONTROL_VERSION,
+                    "exports": self.exports.len(),
+                    "tcp": self.tcp_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                }),
+            ),
+            "export.list" => Response::ok(0, json!(self.entries())),
+            "server.stop" => {
+                self.request_stop("control request");
+                Response::ok(0, json!({}))
+            }
+            m if m.starts_with("bitmap.") => self.bitmap_method(m, &req.params),
+            m => Response::err(
+                0,
+                "bad_request",
+                format!("unknown method {m:?}; see docs/control-api.md for the list"),
+            ),
+        }
+    }
+
+    fn bitmap_method(&self, method: &str, params: &serde_json::Value) -> Response {
+        let p: BitmapParams = match serde_json::from_value(params.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                return Response::err(
+                    0,
+                    "bad_request",
+                    format!("{method} needs params {{\"export\": ..., \"name\": ...}}: {e}"),
+                );
+            }
+        };
+        let st = match self.export(&p.export) {
+            Ok(st) => st,
+            Err(r) => return r,
+        };
+        let Some(store) = &st.store else {
+            return Response::err(
+                0,
+                "unsupported",
+                format!("export {:?} is read-only and records no writes", p.export),
+            );
+        };
+        if method == "bitmap.list" {
+            return Response::ok(0, json!(bitmap_entries(store)));
+        }
+        if method == "bitmap.persist" {
+            return match store.persist() {
+                Ok(()) => Response::ok(0, json!({})),
+                Err(e) => store_error(e),
+            };
+        }
+        let Some(name) = p.name.as_deref() else {
+            return Response::err(0, "bad_request", format!("{method} needs a \"name\""));
+        };
+        let r = match method {
+            "bitmap.add" => {
+                let g = p.granularity.unwrap_or(crate::spec::DEFAULT_GRANULARITY);
+                if let Err(e) = check_granularity(g) {
+                    return Response::err(0, "invalid", e.to_string());
+                }
+                store.add(name, g)
+            }
+            "bitmap.remove" => store.remove(name),
+            "bitmap.clear" => store.clear(name),
+            "bitmap.enable" => store.enable(name),
+            "bitmap.disable" => store.disable(name),
+            "bitmap.dirty" => {
+                let Some(bm) = store.get(name) else {
+                    return Response::err(
+                        0,
+                        "not_found",
+                        format!("export {:?} has no bitmap {name:?}", p.export),
+                    );
+                };
+                let runs: Vec<DirtyRun> = bm
+                    .dirty_ranges()
+                    .map(|(offset, len)| DirtyRun { offset, len })
+                    .collect();
+                return Response::ok(
+                    0,
+                    json!({
+                        "granularity": bm.granularity(),
+                        "dirty_bytes": bm.dirty_bytes(),
+                        "runs": runs,
+                    }),
+                );
+            }
+            m => {
+                return Response::err(
+                    0,
+                    "bad_request",
+                    format!("unknown method {m:?}; see docs/control-api.md"),
+                );
+            }
+        };
+        match r {
+            Ok(()) => Response::ok(0, json!({})),
+            Err(e) => store_error(e),
+        }
+    }
+}
+
+/// Run `understudy serve` until SIGINT/SIGTERM or `server.stop`.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let daemon = Daemon::start(&args)?;
+    let control = ControlServer::start(&args.control, daemon.clone())?;
+    let d2 = daemon.clone();
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+            .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                d2.request_stop("signal");
+            }
+        })?;
+    for a in &daemon.tcp_addrs {
+        tracing::info!("serving NBD on {a}");
+    }
+    for s in &args.socket {
+        tracing::info!("serving NBD on unix:{}", s.display());
+    }
+    tracing::info!(
+        "exports: {:?}; control socket {}",
+        daemon.exports.keys().collect::<Vec<_>>(),
+        args.control.display()
+    );
+    let why = daemon.wait_for_stop();
+    tracing::info!("stopping ({why}): finishing in-flight requests, flushing, persisting bitmaps");
+    control.stop();
+    let r = daemon.shutdown();
+    daemon.join();
+    if r.is_ok() {
+        tracing::info!("stopped cleanly");
+    }
+    r
+}

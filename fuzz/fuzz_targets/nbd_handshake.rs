@@ -1,0 +1,90 @@
+//! Arbitrary client bytes through the NBD server handshake state machine,
+//! fed in pieces whose sizes the input also chooses. Checks that nothing
+//! panics, that consumption never exceeds the input, and that the output
+//! is a well-formed stream of option replies.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use understudy_nbd_proto::reply::parse_option_reply;
+use understudy_nbd_proto::wire::*;
+use understudy_nbd_proto::{
+    BlockSize, Event, ExportCatalog, ExportDescriptor, Handshake, MetaContext,
+};
+
+struct Catalog;
+
+impl ExportCatalog for Catalog {
+    type Handle = ();
+    fn lookup(&self, name: &str) -> Option<(ExportDescriptor, ())> {
+        let name = match name {
+            "" | "a" => "a",
+            "b" => "b",
+            _ => return None,
+        };
+        Some((
+            ExportDescriptor {
+                name: name.into(),
+                description: "fuzz".into(),
+                size: 1 << 30,
+                flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH,
+                block_size: BlockSize {
+                    min: 1,
+                    preferred: 4096,
+                    max: 32 << 20,
+                },
+                contexts: vec![
+                    MetaContext::BaseAllocation,
+                    MetaContext::DirtyBitmap("b0".into()),
+                ],
+            },
+            (),
+        ))
+    }
+    fn list(&self, f: &mut dyn FnMut(&str, &str)) {
+        f("a", "fuzz");
+        f("b", "");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    // First byte: piece size for feeding (1..=256).
+    let Some((&step, mut input)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step) + 1;
+    let mut hs = Handshake::new();
+    let mut out = Vec::new();
+    let mut ended = false;
+    while !input.is_empty() && !ended {
+        let piece = &input[..step.min(input.len())];
+        match hs.feed(piece, &Catalog, &mut out) {
+            Ok(p) => {
+                assert!(p.consumed <= piece.len());
+                if let Some(ev) = p.event {
+                    ended = true;
+                    if let Event::Transmission(n) = ev {
+                        assert_ne!(n.flags & FLAG_HAS_FLAGS, 0);
+                        assert!(n.structured || n.contexts.is_empty());
+                    }
+                } else {
+                    assert_eq!(p.consumed, piece.len());
+                }
+                input = &input[p.consumed..];
+            }
+            Err(_) => break,
+        }
+    }
+    // Option replies parse back; an EXPORT_NAME reply (10 or 134 bytes)
+    // may only end the stream.
+    let mut rest = &out[..];
+    while rest.len() >= 20 {
+        let Some(h) = parse_option_reply(rest[..20].try_into().expect("20 bytes")) else {
+            assert!(rest.len() == 10 || rest.len() == 134);
+            return;
+        };
+        let end = 20 + h.length as usize;
+        assert!(end <= rest.len());
+        rest = &rest[end..];
+    }
+    assert!(rest.is_empty() || rest.len() == 10);
+});
