@@ -34,7 +34,12 @@ enum Setup {
     Epoch(FlushPolicy),
 }
 
-fn run(dir: &std::path::Path, setup: &Setup, w: Workload, secs: f64) -> (u64, Duration, Vec<Duration>) {
+fn run(
+    dir: &std::path::Path,
+    setup: &Setup,
+    w: Workload,
+    secs: f64,
+) -> (u64, Duration, Vec<Duration>) {
     let img = dir.join("bench.img");
     let _ = std::fs::remove_file(EpochDisk::journal_path(&img));
     let raw: Arc<dyn Disk> = Arc::new(RawDisk::create(&img, SIZE).expect("create image"));
@@ -66,12 +71,14 @@ fn run(dir: &std::path::Path, setup: &Setup, w: Workload, secs: f64) -> (u64, Du
         match w {
             Workload::SmallWriteFlush => {
                 let o = rng.below(SIZE / 4096 / 2) * 4096;
-                disk.write_at(&page, o, WriteOpts::default()).expect("write");
+                disk.write_at(&page, o, WriteOpts::default())
+                    .expect("write");
             }
             Workload::DbCommit => {
                 for _ in 0..2 {
                     let o = rng.below(SIZE / 4096 / 2) * 4096;
-                    disk.write_at(&page, o, WriteOpts::default()).expect("write");
+                    disk.write_at(&page, o, WriteOpts::default())
+                        .expect("write");
                 }
                 disk.write_at(&rec, SIZE / 2 + log_pos, WriteOpts::default())
                     .expect("log write");
@@ -121,7 +128,10 @@ fn main() {
         for (name, setup) in [
             ("RawDisk (fdatasync per flush)", Setup::Raw),
             ("EpochDisk Durable", Setup::Epoch(FlushPolicy::Durable)),
-            ("EpochDisk Ordered 5 s", Setup::Epoch(FlushPolicy::ordered())),
+            (
+                "EpochDisk Ordered 5 s",
+                Setup::Epoch(FlushPolicy::ordered()),
+            ),
         ] {
             let (n, total, lat) = run(&dir, &setup, w, secs);
             let rate = n as f64 / total.as_secs_f64();

@@ -97,7 +97,8 @@ impl Default for JournalConfig {
 impl JournalConfig {
     /// Check the values; the error says which value to use instead.
     pub fn sanitize(&self) -> Result<(), JournalError> {
-        if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&self.capacity) || self.capacity % REC_ALIGN != 0
+        if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&self.capacity)
+            || !self.capacity.is_multiple_of(REC_ALIGN)
         {
             return Err(JournalError::Config {
                 reason: format!(
@@ -1029,7 +1030,8 @@ impl Shared {
                     RecordKind::Write => {
                         let b = r.buf.as_deref().map_or(&[][..], |b| &b[REC_HDR..]);
                         let n = (r.len as usize).min(b.len());
-                        self.inner.write_at(&b[..n], r.offset, WriteOpts::default())?;
+                        self.inner
+                            .write_at(&b[..n], r.offset, WriteOpts::default())?;
                     }
                     RecordKind::Zero => self.inner.write_zeroes(
                         r.offset,
@@ -1297,13 +1299,7 @@ impl DiskWrite for EpochDisk {
                 let step = self.sh.max_payload as usize;
                 for (i, chunk) in buf.chunks(step).enumerate() {
                     let off = offset + (i * step) as u64;
-                    e = self.append(
-                        RecordKind::Write,
-                        0,
-                        off,
-                        chunk.len() as u64,
-                        Some(chunk),
-                    )?;
+                    e = self.append(RecordKind::Write, 0, off, chunk.len() as u64, Some(chunk))?;
                 }
                 e
             }

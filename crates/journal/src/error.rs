@@ -23,7 +23,9 @@ pub enum JournalError {
         source: io::Error,
     },
     /// Reading the journal during recovery failed.
-    #[error("cannot read the journal at byte {offset}: the device may be failing; copy the journal before retrying")]
+    #[error(
+        "cannot read the journal at byte {offset}: the device may be failing; copy the journal before retrying"
+    )]
     Read {
         /// File offset.
         offset: u64,
@@ -32,10 +34,14 @@ pub enum JournalError {
         source: io::Error,
     },
     /// The file is not empty but neither header slot is valid.
-    #[error("the journal has no valid header: it is not an understudy journal or both headers are damaged; move it aside to open the image without it (its unapplied writes are lost)")]
+    #[error(
+        "the journal has no valid header: it is not an understudy journal or both headers are damaged; move it aside to open the image without it (its unapplied writes are lost)"
+    )]
     NoValidHeader,
     /// The journal belongs to an image of another size.
-    #[error("the journal was written for an image of {journal} bytes but the image has {image}: use the journal that belongs to this image")]
+    #[error(
+        "the journal was written for an image of {journal} bytes but the image has {image}: use the journal that belongs to this image"
+    )]
     ImageSizeMismatch {
         /// Size recorded in the journal.
         journal: u64,
@@ -43,7 +49,9 @@ pub enum JournalError {
         image: u64,
     },
     /// The file is shorter than its header says.
-    #[error("the journal is truncated ({file_len} bytes, header needs {needed}): restore it from a copy or move it aside (its unapplied writes are lost)")]
+    #[error(
+        "the journal is truncated ({file_len} bytes, header needs {needed}): restore it from a copy or move it aside (its unapplied writes are lost)"
+    )]
     Truncated {
         /// File length.
         file_len: u64,
@@ -51,7 +59,9 @@ pub enum JournalError {
         needed: u64,
     },
     /// Replaying a recovered record onto the image failed.
-    #[error("replaying epoch {epoch} onto the image failed; the journal is kept, fix the image storage and open again")]
+    #[error(
+        "replaying epoch {epoch} onto the image failed; the journal is kept, fix the image storage and open again"
+    )]
     Replay {
         /// Epoch being replayed.
         epoch: u64,
@@ -60,14 +70,18 @@ pub enum JournalError {
         source: BlockError,
     },
     /// Making the replayed image durable failed.
-    #[error("flushing the image after replay failed; the journal is kept, fix the image storage and open again")]
+    #[error(
+        "flushing the image after replay failed; the journal is kept, fix the image storage and open again"
+    )]
     ReplayFlush {
         /// Cause.
         #[source]
         source: BlockError,
     },
     /// Writing the fresh journal header failed.
-    #[error("cannot reset the journal after recovery; check free space on the journal's file system")]
+    #[error(
+        "cannot reset the journal after recovery; check free space on the journal's file system"
+    )]
     Reset {
         /// Cause.
         #[source]
@@ -82,7 +96,9 @@ pub enum JournalError {
     },
     /// The disk failed earlier (an I/O error on the journal or image) and
     /// could not be closed cleanly.
-    #[error("the journal stopped after an I/O error ({reason}); reopen the image to recover the durable epochs")]
+    #[error(
+        "the journal stopped after an I/O error ({reason}); reopen the image to recover the durable epochs"
+    )]
     Failed {
         /// The original failure in words.
         reason: String,

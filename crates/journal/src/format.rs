@@ -172,7 +172,7 @@ impl RecordHeader {
         };
         let total = u64::from(h.total_len);
         if total == 0
-            || total % REC_ALIGN != 0
+            || !total.is_multiple_of(REC_ALIGN)
             || u64::from(h.payload_len) + REC_HDR as u64 > total
             || (kind == RecordKind::Write && u64::from(h.payload_len) != h.len)
             || (kind != RecordKind::Write && h.payload_len != 0)
@@ -259,7 +259,9 @@ impl Header {
             tail_seq: le64(&b[56..64]),
             base_epoch: le64(&b[64..72]),
         };
-        if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&h.capacity) || h.capacity % REC_ALIGN != 0 {
+        if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&h.capacity)
+            || !h.capacity.is_multiple_of(REC_ALIGN)
+        {
             return Err(HeaderDefect::Capacity);
         }
         Ok(h)

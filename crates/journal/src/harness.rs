@@ -57,7 +57,10 @@ pub enum Op {
 impl Op {
     /// Whether the op changes data.
     pub fn is_data(&self) -> bool {
-        matches!(self, Op::Write { .. } | Op::Zero { .. } | Op::Discard { .. })
+        matches!(
+            self,
+            Op::Write { .. } | Op::Zero { .. } | Op::Discard { .. }
+        )
     }
 
     /// Apply to an in-memory image.
@@ -268,7 +271,9 @@ impl Model {
         for op in ops {
             if let Some((off, len)) = op.range() {
                 let first = off as usize / HBLOCK;
-                let last = ((off + len) as usize).div_ceil(HBLOCK).min(img.len().div_ceil(HBLOCK));
+                let last = ((off + len) as usize)
+                    .div_ceil(HBLOCK)
+                    .min(img.len().div_ceil(HBLOCK));
                 for b in first..last {
                     let end = ((b + 1) * HBLOCK).min(img.len());
                     h = h.wrapping_sub(block_term(b, &img[b * HBLOCK..end]));
@@ -345,7 +350,11 @@ impl Model {
     /// Data operations of the epoch that starts at boundary `p`.
     fn epoch_after(&self, p: usize) -> &[Op] {
         let i = self.boundaries.partition_point(|&b| b <= p);
-        let end = self.boundaries.get(i).copied().unwrap_or(self.data_ops.len());
+        let end = self
+            .boundaries
+            .get(i)
+            .copied()
+            .unwrap_or(self.data_ops.len());
         &self.data_ops[p..end]
     }
 }

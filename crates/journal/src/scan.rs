@@ -69,7 +69,9 @@ fn read(log: &dyn LogFile, buf: &mut [u8], offset: u64) -> Result<(), JournalErr
 /// Pick the valid header slot with the highest generation. `Ok(None)` when
 /// neither slot is valid.
 pub fn read_header(log: &dyn LogFile) -> Result<Option<Header>, JournalError> {
-    let len = log.len().map_err(|source| JournalError::Read { offset: 0, source })?;
+    let len = log
+        .len()
+        .map_err(|source| JournalError::Read { offset: 0, source })?;
     let mut best: Option<Header> = None;
     for slot in 0..2u64 {
         let off = slot * HEADER_SLOT;
@@ -93,7 +95,9 @@ pub fn scan(log: &dyn LogFile) -> Result<Option<Scan>, JournalError> {
         return Ok(None);
     };
     let cap = header.capacity;
-    let file_len = log.len().map_err(|source| JournalError::Read { offset: 0, source })?;
+    let file_len = log
+        .len()
+        .map_err(|source| JournalError::Read { offset: 0, source })?;
     let needed = RING_START + cap;
     if file_len < needed {
         return Err(JournalError::Truncated { file_len, needed });

@@ -329,11 +329,7 @@ impl Crasher {
                             let e = next.min(end);
                             if rng.coin() {
                                 let s = (pos - offset) as usize;
-                                apply_write(
-                                    &mut out[file],
-                                    pos,
-                                    &data[s..s + (e - pos) as usize],
-                                );
+                                apply_write(&mut out[file], pos, &data[s..s + (e - pos) as usize]);
                             }
                             pos = e;
                         }

@@ -44,11 +44,19 @@ fn cfg(policy: FlushPolicy, capacity: u64) -> JournalConfig {
 fn durable_policy_keeps_epoch_prefix_and_acknowledged_flushes() {
     let ops = random_workload(shape(), 1);
     let t = Target::Epoch(cfg(FlushPolicy::Durable, 512 << 10));
-    let out = crash_test(&initial(1 << 20), &ops, &t, &CrashConfig::new(points(150), 7), |_| {
-        Ok(())
-    });
+    let out = crash_test(
+        &initial(1 << 20),
+        &ops,
+        &t,
+        &CrashConfig::new(points(150), 7),
+        |_| Ok(()),
+    );
     let stats = out.stats.clone().expect("epoch stats");
-    assert!(out.violations.is_empty(), "{:#?}", &out.violations[..out.violations.len().min(5)]);
+    assert!(
+        out.violations.is_empty(),
+        "{:#?}",
+        &out.violations[..out.violations.len().min(5)]
+    );
     assert!(out.checked >= points(150).min(out.events), "{out:?}");
     // The ring wrapped (records > ring) and crash points landed on many states.
     assert!(stats.journaled_bytes > 2 * (512 << 10), "{stats:?}");
@@ -68,7 +76,11 @@ fn ordered_policy_keeps_epoch_prefix() {
     let mut c = CrashConfig::new(points(150), 8);
     c.flush_is_durable = false;
     let out = crash_test(&initial(1 << 20), &ops, &t, &c, |_| Ok(()));
-    assert!(out.violations.is_empty(), "{:#?}", &out.violations[..out.violations.len().min(5)]);
+    assert!(
+        out.violations.is_empty(),
+        "{:#?}",
+        &out.violations[..out.violations.len().min(5)]
+    );
     assert!(out.distinct_prefixes > 5, "{out:?}");
 }
 
@@ -110,7 +122,11 @@ fn back_pressure_with_a_tiny_ring_stays_consistent() {
     c.check = Check::AnyPrefix;
     let out = crash_test(&initial(256 << 10), &ops, &t, &c, |_| Ok(()));
     let stats = out.stats.clone().expect("stats");
-    assert!(out.violations.is_empty(), "{:#?}", &out.violations[..out.violations.len().min(5)]);
+    assert!(
+        out.violations.is_empty(),
+        "{:#?}",
+        &out.violations[..out.violations.len().min(5)]
+    );
     assert!(stats.space_waits > 0, "{stats:?}");
     assert!(stats.journal_used <= 64 << 10);
 }
@@ -138,7 +154,11 @@ fn semantic_journaling_writes_in_place_and_keeps_ragged_prefix() {
     let out = crash_test(&initial(256 << 10), &ops, &t, &c, |_| Ok(()));
     let stats = out.stats.clone().expect("stats");
     assert!(stats.in_place_writes > 0, "{stats:?}");
-    assert!(out.violations.is_empty(), "{:#?}", &out.violations[..out.violations.len().min(5)]);
+    assert!(
+        out.violations.is_empty(),
+        "{:#?}",
+        &out.violations[..out.violations.len().min(5)]
+    );
     // The strict check would not hold for the in-place writes: show that the
     // ragged allowance is actually used, i.e. it is not vacuous.
     c.check = Check::Strict;
@@ -178,6 +198,10 @@ fn semantic_journaling_with_lagging_durability_keeps_ragged_prefix() {
     c.flush_is_durable = false;
     let out = crash_test(&initial(256 << 10), &ops, &t, &c, |_| Ok(()));
     let stats = out.stats.clone().expect("stats");
-    assert!(out.violations.is_empty(), "{:#?}", &out.violations[..out.violations.len().min(5)]);
+    assert!(
+        out.violations.is_empty(),
+        "{:#?}",
+        &out.violations[..out.violations.len().min(5)]
+    );
     eprintln!("lagging: {stats:?}");
 }

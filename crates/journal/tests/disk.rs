@@ -61,7 +61,11 @@ fn reads_see_newest_data_through_partial_overlaps() {
         let ro = rng.below(SIZE - rl);
         let mut got = vec![0u8; rl as usize];
         d.read_at(&mut got, ro).expect("read");
-        assert_eq!(got, model[ro as usize..(ro + rl) as usize], "read {ro}+{rl} after op {i}");
+        assert_eq!(
+            got,
+            model[ro as usize..(ro + rl) as usize],
+            "read {ro}+{rl} after op {i}"
+        );
     }
     d.close().expect("close");
     // Everything was applied to the image on close.
@@ -77,15 +81,18 @@ fn recovery_from_a_copy_taken_while_running() {
     let (p, img) = raw(&dir, "b.img");
     let jp = EpochDisk::journal_path(&p);
     let (d, _) = EpochDisk::open_path(img, &jp, ordered_long()).expect("open");
-    d.write_at(&[1u8; 8192], 0, WriteOpts::default()).expect("write");
+    d.write_at(&[1u8; 8192], 0, WriteOpts::default())
+        .expect("write");
     d.order().expect("order");
-    d.write_at(&[2u8; 4096], 4096, WriteOpts::default()).expect("write");
+    d.write_at(&[2u8; 4096], 4096, WriteOpts::default())
+        .expect("write");
     let synced = d.sync().expect("sync");
     assert_eq!(synced, 2);
     assert_eq!(d.durable_epoch(), 2);
     // Not applied yet (long interval, no pressure): the data is only in the
     // journal. Copy both files as a crash would leave them.
-    d.write_at(&[3u8; 4096], 0, WriteOpts::default()).expect("write");
+    d.write_at(&[3u8; 4096], 0, WriteOpts::default())
+        .expect("write");
     let (cp, cj) = (dir.path().join("c.img"), dir.path().join("c.img.journal"));
     std::fs::copy(&p, &cp).expect("copy image");
     std::fs::copy(&jp, &cj).expect("copy journal");
@@ -95,12 +102,16 @@ fn recovery_from_a_copy_taken_while_running() {
     assert!(rep.found_journal);
     assert_eq!(rep.last_epoch, 2, "{rep:?}");
     assert_eq!(rep.replayed_epochs, 2);
-    assert_eq!(rep.dropped_records, 1, "the unordered, unflushed third write is dropped");
+    assert_eq!(
+        rep.dropped_records, 1,
+        "the unordered, unflushed third write is dropped"
+    );
     let mut b = vec![0u8; 8192];
     img2.read_at(&mut b, 0).expect("read");
     assert!(b[..4096].iter().all(|&x| x == 1) && b[4096..].iter().all(|&x| x == 2));
     // New epochs continue after the recovered ones.
-    d2.write_at(&[9u8; 512], 0, WriteOpts::default()).expect("write");
+    d2.write_at(&[9u8; 512], 0, WriteOpts::default())
+        .expect("write");
     assert_eq!(d2.order().expect("order"), 3);
 }
 
@@ -123,7 +134,10 @@ fn bad_journals_are_refused_with_a_reason() {
     let e = EpochDisk::open_path(other, &jp, ordered_long()).expect_err("size");
     assert!(matches!(e, JournalError::ImageSizeMismatch { .. }), "{e}");
     // Truncated ring.
-    let f = std::fs::OpenOptions::new().write(true).open(&jp).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&jp)
+        .expect("open");
     f.set_len(10_000).expect("truncate");
     let e = EpochDisk::open_path(img, &jp, ordered_long()).expect_err("truncated");
     assert!(matches!(e, JournalError::Truncated { .. }), "{e}");
@@ -153,7 +167,9 @@ fn hook_sees_durable_epochs_in_order_with_their_data() {
     .expect("open");
     let seen: Arc<parking_lot::Mutex<Vec<ClosedEpoch>>> = Arc::default();
     let s2 = Arc::clone(&seen);
-    d.set_epoch_hook(Some(Arc::new(move |c: &ClosedEpoch| s2.lock().push(c.clone()))));
+    d.set_epoch_hook(Some(Arc::new(move |c: &ClosedEpoch| {
+        s2.lock().push(c.clone())
+    })));
     for e in 1..=20u8 {
         d.write_at(&[e; 1024], u64::from(e) * 4096, WriteOpts::default())
             .expect("write");
@@ -234,14 +250,22 @@ fn ordered_flush_returns_before_durability_and_timer_catches_up() {
         in_place_min: None,
     };
     let (d, _) = EpochDisk::open(Arc::new(w.disk(img)), Arc::new(w.file(jr)), cfg).expect("open");
-    d.write_at(&[1u8; 4096], 0, WriteOpts::default()).expect("write");
+    d.write_at(&[1u8; 4096], 0, WriteOpts::default())
+        .expect("write");
     let t = Instant::now();
     d.flush().expect("flush");
     assert!(t.elapsed() < Duration::from_millis(100));
-    assert_eq!(d.durable_epoch(), 0, "ordered flush must not wait for durability");
+    assert_eq!(
+        d.durable_epoch(),
+        0,
+        "ordered flush must not wait for durability"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while d.durable_epoch() < 1 {
-        assert!(Instant::now() < deadline, "timer never made the epoch durable");
+        assert!(
+            Instant::now() < deadline,
+            "timer never made the epoch durable"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(t.elapsed() >= Duration::from_millis(150));
@@ -264,7 +288,8 @@ fn an_io_error_stops_the_disk_instead_of_losing_writes() {
         },
     )
     .expect("open");
-    d.write_at(&[1u8; 4096], 0, WriteOpts::default()).expect("write");
+    d.write_at(&[1u8; 4096], 0, WriteOpts::default())
+        .expect("write");
     d.flush().expect("flush");
     w.add_failpoint(Failpoint {
         file: Some(1),
@@ -272,7 +297,8 @@ fn an_io_error_stops_the_disk_instead_of_losing_writes() {
         nth: 0,
         sticky: false,
     });
-    d.write_at(&[2u8; 4096], 0, WriteOpts::default()).expect("write");
+    d.write_at(&[2u8; 4096], 0, WriteOpts::default())
+        .expect("write");
     let e = d.flush().expect_err("fsync failed");
     assert!(e.to_string().contains("flush"), "{e}");
     // Even though the next sync would work, the disk stays stopped.

@@ -28,7 +28,11 @@ fn run(cmd: &mut Command) -> std::process::Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?} (install e2fsprogs): {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -79,7 +83,16 @@ fn capture(dir: &Path) -> (Vec<u8>, Vec<Op>, usize) {
     let img = dir.join("fs.img");
     std::fs::write(&img, vec![0u8; SIZE]).expect("create image");
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "1024", "-N", "256", "-E", "lazy_itable_init=0"])
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "1024",
+            "-N",
+            "256",
+            "-E",
+            "lazy_itable_init=0",
+        ])
         .arg(&img));
     for (name, len) in [("small", 700usize), ("mid", 20_000), ("big", 300_000)] {
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
@@ -98,7 +111,10 @@ fn capture(dir: &Path) -> (Vec<u8>, Vec<Op>, usize) {
         vec!["mkdir /c".into()],
         vec![format!("write {} /c/one", h("mid"))],
         vec![format!("write {} /c/two", h("small"))],
-        vec!["ln /a/small /c/hard".into(), "sif /a/small links_count 2".into()],
+        vec![
+            "ln /a/small /c/hard".into(),
+            "sif /a/small links_count 2".into(),
+        ],
         vec!["rm /big".into()],
         vec!["mkdir /c/d".into()],
         vec![format!("write {} /c/d/big2", h("big"))],
@@ -146,7 +162,10 @@ fn ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
         })
         .sum();
     eprintln!("captured {epochs} epochs, {writes} writes, {bytes} bytes");
-    assert!(writes > epochs, "the capture should hold several writes per command");
+    assert!(
+        writes > epochs,
+        "the capture should hold several writes per command"
+    );
 
     for policy in [
         FlushPolicy::Durable,
@@ -167,7 +186,11 @@ fn ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
             "{policy:?}: {} events, {} crash states, {} distinct epoch states",
             out.events, out.checked, out.distinct_prefixes
         );
-        assert!(out.violations.is_empty(), "{policy:?}: {:#?}", &out.violations[..out.violations.len().min(3)]);
+        assert!(
+            out.violations.is_empty(),
+            "{policy:?}: {:#?}",
+            &out.violations[..out.violations.len().min(3)]
+        );
         // Ordered makes epochs durable in few batches on a run this short.
         let want = if policy == FlushPolicy::Durable { 4 } else { 2 };
         assert!(out.distinct_prefixes >= want, "{policy:?}: {out:?}");
@@ -184,5 +207,8 @@ fn ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
         out.violations.len(),
         out.extra_failures
     );
-    assert!(out.extra_failures > 0, "without ordering some crash state must be corrupt");
+    assert!(
+        out.extra_failures > 0,
+        "without ordering some crash state must be corrupt"
+    );
 }

@@ -3,7 +3,9 @@
 //! state taken around the failure must still recover to an epoch prefix
 //! that keeps every acknowledged flush.
 
-use understudy_journal::harness::{CrashConfig, Target, WorkloadShape, crash_test, random_workload};
+use understudy_journal::harness::{
+    CrashConfig, Target, WorkloadShape, crash_test, random_workload,
+};
 use understudy_journal::sim::{Failpoint, SimOp};
 use understudy_journal::{FlushPolicy, JournalConfig};
 
@@ -27,9 +29,16 @@ fn run(fp: Failpoint, seed: u64) {
     let mut c = CrashConfig::new(60, seed);
     c.failpoints = vec![fp];
     let out = crash_test(&vec![7u8; 256 << 10], &ops, &t, &c, |_| Ok(()));
-    assert!(out.first_error.is_some(), "failpoint {fp:?} never surfaced: {out:?}");
+    assert!(
+        out.first_error.is_some(),
+        "failpoint {fp:?} never surfaced: {out:?}"
+    );
     assert!(out.ops_done < ops.len());
-    assert!(out.violations.is_empty(), "{fp:?}: {:#?}", &out.violations[..out.violations.len().min(3)]);
+    assert!(
+        out.violations.is_empty(),
+        "{fp:?}: {:#?}",
+        &out.violations[..out.violations.len().min(3)]
+    );
 }
 
 #[test]

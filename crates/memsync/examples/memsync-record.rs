@@ -26,11 +26,21 @@ fn main() {
             }
         }
     }
-    let (Some(kernel), Some(initrd), Some(workload), Some(out)) = (kernel, initrd, workload, out) else {
-        eprintln!("usage: memsync-record --kernel K --initrd I --workload W --out DIR [--interval-ms N] [--count N] [--mem-mib N]");
+    let (Some(kernel), Some(initrd), Some(workload), Some(out)) = (kernel, initrd, workload, out)
+    else {
+        eprintln!(
+            "usage: memsync-record --kernel K --initrd I --workload W --out DIR [--interval-ms N] [--count N] [--mem-mib N]"
+        );
         std::process::exit(2);
     };
-    let mut o = RecordOptions::new(kernel, initrd, &workload, Duration::from_millis(interval), count, out);
+    let mut o = RecordOptions::new(
+        kernel,
+        initrd,
+        &workload,
+        Duration::from_millis(interval),
+        count,
+        out,
+    );
     o.mem_mib = mem;
     match record(&o) {
         Ok(r) => println!("{}", serde_json::to_string(&r).unwrap_or_default()),

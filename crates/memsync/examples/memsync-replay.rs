@@ -16,12 +16,17 @@ fn main() {
             "--no-verify" => o.verify = false,
             "--stride" => o.stride = a.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "--max" => o.max_checkpoints = a.next().and_then(|v| v.parse().ok()),
-            "--store-mib" => o.store_budget_bytes = a.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(64) << 20,
+            "--store-mib" => {
+                o.store_budget_bytes =
+                    a.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(64) << 20
+            }
             _ => dir = Some(PathBuf::from(k)),
         }
     }
     let Some(dir) = dir else {
-        eprintln!("usage: memsync-replay TRACE_DIR [--json] [--stride N] [--max N] [--no-verify] [--store-mib N]");
+        eprintln!(
+            "usage: memsync-replay TRACE_DIR [--json] [--stride N] [--max N] [--no-verify] [--store-mib N]"
+        );
         std::process::exit(2);
     };
     match run(&dir, &o) {

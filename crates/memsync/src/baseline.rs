@@ -95,7 +95,11 @@ pub fn apply(stream: &[u8], image: &mut [u8]) -> Result<(), BaselineError> {
         match v & (PAGE_SIZE as u64 - 1) {
             FLAG_ZERO => dst.fill(0),
             FLAG_PAGE => {
-                dst.copy_from_slice(stream.get(i..i + PAGE_SIZE).ok_or(bad(i, "truncated page"))?);
+                dst.copy_from_slice(
+                    stream
+                        .get(i..i + PAGE_SIZE)
+                        .ok_or(bad(i, "truncated page"))?,
+                );
                 i += PAGE_SIZE;
             }
             FLAG_LZ4 => {
@@ -125,7 +129,12 @@ mod tests {
     #[test]
     fn round_trips_and_sizes() {
         let zero = [0u8; PAGE_SIZE];
-        let text: Vec<u8> = b"hello memory ".iter().copied().cycle().take(PAGE_SIZE).collect();
+        let text: Vec<u8> = b"hello memory "
+            .iter()
+            .copied()
+            .cycle()
+            .take(PAGE_SIZE)
+            .collect();
         let text: &Page = text.as_slice().try_into().expect("page");
         let mut noise = [0u8; PAGE_SIZE];
         let mut x = 0x1234_5678_9abc_def0u64;
@@ -141,7 +150,14 @@ mod tests {
         assert_eq!(raw.len(), 3 * (8 + PAGE_SIZE));
         let mut lz = Vec::new();
         let c = encode_zero_lz4(&pages, &mut lz);
-        assert_eq!(c, Lz4Counts { zero: 1, compressed: 1, raw: 1 });
+        assert_eq!(
+            c,
+            Lz4Counts {
+                zero: 1,
+                compressed: 1,
+                raw: 1
+            }
+        );
         assert!(lz.len() < 8 + (8 + 200) + 8 + PAGE_SIZE);
         for s in [&raw, &lz] {
             let mut img = vec![0xeeu8; 4 * PAGE_SIZE];

@@ -16,7 +16,9 @@
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::page::{PAGE_SIZE, Page, ZERO_PAGE, as_page, diff_words, get_varint, is_zero, put_varint};
+use crate::page::{
+    PAGE_SIZE, Page, ZERO_PAGE, as_page, diff_words, get_varint, is_zero, put_varint,
+};
 use crate::store::{FP_CHUNKS, MAX_CANDIDATES, RefStore, fingerprints};
 use crate::zrle;
 
@@ -112,7 +114,11 @@ pub struct KindCounts {
 impl KindCounts {
     /// Total pages.
     pub fn total(&self) -> u64 {
-        self.zero + self.duplicate + self.delta_same_address + self.delta_content_match + self.literal
+        self.zero
+            + self.duplicate
+            + self.delta_same_address
+            + self.delta_content_match
+            + self.literal
     }
 
     /// Add another count.
@@ -130,7 +136,9 @@ impl KindCounts {
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// Encoder input not strictly ascending.
-    #[error("dirty pages must be given in strictly ascending page order (page {pfn}); sort and deduplicate them")]
+    #[error(
+        "dirty pages must be given in strictly ascending page order (page {pfn}); sort and deduplicate them"
+    )]
     UnsortedPages {
         /// Offending page number.
         pfn: u64,
@@ -147,22 +155,30 @@ pub enum CodecError {
     #[error("compressing a checkpoint section failed; retry with compression disabled")]
     Compress(#[source] std::io::Error),
     /// Input shorter than a header.
-    #[error("checkpoint of {len} bytes is shorter than its header; the sender or link truncated it")]
+    #[error(
+        "checkpoint of {len} bytes is shorter than its header; the sender or link truncated it"
+    )]
     TooShort {
         /// Bytes received.
         len: usize,
     },
     /// Wrong magic.
-    #[error("not an understudy checkpoint (bad magic); check that both sides run understudy memsync")]
+    #[error(
+        "not an understudy checkpoint (bad magic); check that both sides run understudy memsync"
+    )]
     BadMagic,
     /// Unknown version.
-    #[error("checkpoint format version {0} is not supported (this build reads {VERSION}); upgrade the older side")]
+    #[error(
+        "checkpoint format version {0} is not supported (this build reads {VERSION}); upgrade the older side"
+    )]
     UnsupportedVersion(u8),
     /// Unknown compression method id.
     #[error("unknown compression method {0}; upgrade the backup")]
     UnknownMethod(u8),
     /// Store sizes differ.
-    #[error("encoder uses {theirs} store slots but this decoder has {ours}; both sides must be configured alike")]
+    #[error(
+        "encoder uses {theirs} store slots but this decoder has {ours}; both sides must be configured alike"
+    )]
     StoreMismatch {
         /// This side.
         ours: u32,
@@ -170,7 +186,9 @@ pub enum CodecError {
         theirs: u32,
     },
     /// Too many pages.
-    #[error("checkpoint claims {count} pages but the image has only {max}; the sender is misconfigured or hostile")]
+    #[error(
+        "checkpoint claims {count} pages but the image has only {max}; the sender is misconfigured or hostile"
+    )]
     TooManyPages {
         /// Claimed.
         count: u64,
@@ -178,7 +196,9 @@ pub enum CodecError {
         max: u64,
     },
     /// Section lengths inconsistent.
-    #[error("checkpoint section lengths are inconsistent ({what}); the data was corrupted in transit")]
+    #[error(
+        "checkpoint section lengths are inconsistent ({what}); the data was corrupted in transit"
+    )]
     BadLength {
         /// Which length.
         what: &'static str,
@@ -190,7 +210,9 @@ pub enum CodecError {
     #[error("zstd section does not decompress; the data was corrupted in transit")]
     Zstd(#[source] std::io::Error),
     /// A record is malformed or names a missing base.
-    #[error("record {record} is invalid: {reason}; the data was corrupted or the reference stores diverged (reconnect to reset them)")]
+    #[error(
+        "record {record} is invalid: {reason}; the data was corrupted or the reference stores diverged (reconnect to reset them)"
+    )]
     Corrupt {
         /// Record index.
         record: u64,
@@ -198,7 +220,9 @@ pub enum CodecError {
         reason: &'static str,
     },
     /// Rebuilt pages do not match the sender's checksum.
-    #[error("checkpoint {seq} failed verification (checksum over rebuilt pages differs); it was not applied, reconnect to resynchronise")]
+    #[error(
+        "checkpoint {seq} failed verification (checksum over rebuilt pages differs); it was not applied, reconnect to resynchronise"
+    )]
     ChecksumMismatch {
         /// Checkpoint sequence number.
         seq: u64,
@@ -287,7 +311,10 @@ impl Encoder {
         let mut prev: Option<u64> = None;
         for &(pfn, _) in pages {
             if pfn >= self.cfg.image_pages {
-                return Err(CodecError::PageOutOfRange { pfn, pages: self.cfg.image_pages });
+                return Err(CodecError::PageOutOfRange {
+                    pfn,
+                    pages: self.cfg.image_pages,
+                });
             }
             if prev.is_some_and(|p| pfn <= p) {
                 return Err(CodecError::UnsortedPages { pfn });
@@ -335,11 +362,26 @@ impl Encoder {
                     self.lit.extend_from_slice(page);
                 }
             }
-            metas.push(RecordMeta { pfn, kind, base, fps });
+            metas.push(RecordMeta {
+                pfn,
+                kind,
+                base,
+                fps,
+            });
         }
         let checksum = sum.digest128();
-        let cm = compress(self.cfg.control, &self.ctrl, &mut self.zstd, &mut self.ctrl_out)?;
-        let lm = compress(self.cfg.literal, &self.lit, &mut self.zstd, &mut self.lit_out)?;
+        let cm = compress(
+            self.cfg.control,
+            &self.ctrl,
+            &mut self.zstd,
+            &mut self.ctrl_out,
+        )?;
+        let lm = compress(
+            self.cfg.literal,
+            &self.lit,
+            &mut self.zstd,
+            &mut self.lit_out,
+        )?;
         let (ctrl_enc, lit_enc) = (&self.ctrl_out, &self.lit_out);
         let mut bytes = Vec::with_capacity(HEADER_LEN + ctrl_enc.len() + lit_enc.len());
         bytes.extend_from_slice(&MAGIC);
@@ -350,7 +392,12 @@ impl Encoder {
         bytes.extend_from_slice(&seq.to_le_bytes());
         bytes.extend_from_slice(&(pages.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&self.cfg.store_slots.to_le_bytes());
-        for n in [self.ctrl.len(), ctrl_enc.len(), self.lit.len(), lit_enc.len()] {
+        for n in [
+            self.ctrl.len(),
+            ctrl_enc.len(),
+            self.lit.len(),
+            lit_enc.len(),
+        ] {
             bytes.extend_from_slice(&(n as u32).to_le_bytes());
         }
         bytes.extend_from_slice(&checksum.to_le_bytes());
@@ -361,7 +408,12 @@ impl Encoder {
         for (m, &(_, page)) in metas.iter().zip(pages) {
             commit_record(&mut self.store, m, page);
         }
-        Ok(Encoded { bytes, kinds, control_raw: self.ctrl.len(), literal_raw: self.lit.len() })
+        Ok(Encoded {
+            bytes,
+            kinds,
+            control_raw: self.ctrl.len(),
+            literal_raw: self.lit.len(),
+        })
     }
 
     /// Pick the cheapest representation; leaves a delta in `self.delta`.
@@ -390,7 +442,9 @@ impl Encoder {
                 if Some(s) == addr_slot {
                     continue;
                 }
-                let Some(base) = self.store.get(s) else { continue };
+                let Some(base) = self.store.get(s) else {
+                    continue;
+                };
                 let d = diff_words(base, page, best_diff);
                 if d < best_diff {
                     best = s;
@@ -406,12 +460,24 @@ impl Encoder {
         }
         let same = addr_slot == Some(best);
         if best_diff == 0 {
-            return (if same { KIND_DUP_ADDR } else { KIND_DUP_SLOT }, best, Some(fps));
+            return (
+                if same { KIND_DUP_ADDR } else { KIND_DUP_SLOT },
+                best,
+                Some(fps),
+            );
         }
         self.delta.clear();
         let base = self.store.get(best).unwrap_or(&ZERO_PAGE);
         if zrle::encode(base, page, &mut self.delta, MAX_DELTA) {
-            (if same { KIND_DELTA_ADDR } else { KIND_DELTA_SLOT }, best, Some(fps))
+            (
+                if same {
+                    KIND_DELTA_ADDR
+                } else {
+                    KIND_DELTA_SLOT
+                },
+                best,
+                Some(fps),
+            )
         } else {
             (KIND_LITERAL, NO_BASE, Some(fps))
         }
@@ -462,13 +528,19 @@ fn compress(
             let ctx = zstd_ctx.as_mut().map(|z| &mut z.0).ok_or_else(|| {
                 CodecError::Compress(std::io::Error::other("zstd context missing"))
             })?;
-            ctx.set_compression_level(level).map_err(CodecError::Compress)?;
+            ctx.set_compression_level(level)
+                .map_err(CodecError::Compress)?;
             out.reserve(zstd::zstd_safe::compress_bound(data.len()));
-            ctx.compress_to_buffer(data, out).map_err(CodecError::Compress)?;
+            ctx.compress_to_buffer(data, out)
+                .map_err(CodecError::Compress)?;
         }
     }
     // Only when it helps.
-    if out.len() < data.len() { Ok(method.id()) } else { stored(out) }
+    if out.len() < data.len() {
+        Ok(method.id())
+    } else {
+        stored(out)
+    }
 }
 
 /// A verified, rebuilt checkpoint, ready to be applied.
@@ -580,10 +652,16 @@ impl Decoder {
         let count = u64::from(le_u32(b, 16));
         let slots = le_u32(b, 20);
         if slots != self.cfg.store_slots {
-            return Err(CodecError::StoreMismatch { ours: self.cfg.store_slots, theirs: slots });
+            return Err(CodecError::StoreMismatch {
+                ours: self.cfg.store_slots,
+                theirs: slots,
+            });
         }
         if count > self.cfg.image_pages {
-            return Err(CodecError::TooManyPages { count, max: self.cfg.image_pages });
+            return Err(CodecError::TooManyPages {
+                count,
+                max: self.cfg.image_pages,
+            });
         }
         let [ctrl_raw, ctrl_enc, lit_raw, lit_enc] =
             [24, 28, 32, 36].map(|at| le_u32(b, at) as usize);
@@ -592,15 +670,28 @@ impl Decoder {
         let checksum = u128::from_le_bytes(c);
         let count_us = count as usize;
         if ctrl_raw < count_us || ctrl_raw > count_us.saturating_mul(MAX_RECORD) {
-            return Err(CodecError::BadLength { what: "control section" });
+            return Err(CodecError::BadLength {
+                what: "control section",
+            });
         }
         if lit_raw % PAGE_SIZE != 0 || lit_raw > count_us.saturating_mul(PAGE_SIZE) {
-            return Err(CodecError::BadLength { what: "literal section" });
+            return Err(CodecError::BadLength {
+                what: "literal section",
+            });
         }
         if HEADER_LEN as u64 + ctrl_enc as u64 + lit_enc as u64 != b.len() as u64 {
             return Err(CodecError::BadLength { what: "total" });
         }
-        Ok(Header { cm, lm, seq, count, ctrl_raw, ctrl_enc, lit_raw, checksum })
+        Ok(Header {
+            cm,
+            lm,
+            seq,
+            count,
+            ctrl_raw,
+            ctrl_enc,
+            lit_raw,
+            checksum,
+        })
     }
 
     /// Decode and verify one checkpoint. On success the reference store has
@@ -651,7 +742,10 @@ impl Decoder {
         let (mut cp, mut lp) = (0usize, 0usize);
         let mut next_pfn = 0u64;
         for rec in 0..h.count {
-            let bad = |reason| CodecError::Corrupt { record: rec, reason };
+            let bad = |reason| CodecError::Corrupt {
+                record: rec,
+                reason,
+            };
             let varint = |cp: &mut usize| -> Result<u64, CodecError> {
                 let (v, n) = get_varint(&ctrl[*cp..]).ok_or(bad("truncated varint"))?;
                 *cp += n;
@@ -664,7 +758,9 @@ impl Decoder {
             if gap == GAP_ESCAPE {
                 gap = varint(&mut cp)?;
             }
-            let pfn = next_pfn.checked_add(gap).ok_or(bad("page number overflows"))?;
+            let pfn = next_pfn
+                .checked_add(gap)
+                .ok_or(bad("page number overflows"))?;
             if pfn >= self.cfg.image_pages {
                 return Err(bad("page number beyond the image"));
             }
@@ -678,7 +774,9 @@ impl Decoder {
                 }
                 KIND_DUP_ADDR | KIND_DELTA_ADDR | KIND_DUP_SLOT | KIND_DELTA_SLOT => {
                     base = if kind == KIND_DUP_ADDR || kind == KIND_DELTA_ADDR {
-                        self.store.slot_of(pfn).ok_or(bad("no stored version of this page"))?
+                        self.store
+                            .slot_of(pfn)
+                            .ok_or(bad("no stored version of this page"))?
                     } else {
                         u32::try_from(varint(&mut cp)?).map_err(|_| bad("slot out of range"))?
                     };
@@ -706,7 +804,9 @@ impl Decoder {
                     }
                 }
                 KIND_LITERAL => {
-                    let src = lit.get(lp..lp + PAGE_SIZE).ok_or(bad("literal section ends early"))?;
+                    let src = lit
+                        .get(lp..lp + PAGE_SIZE)
+                        .ok_or(bad("literal section ends early"))?;
                     lp += PAGE_SIZE;
                     out.data.extend_from_slice(src);
                     out.kinds.literal += 1;
@@ -719,13 +819,24 @@ impl Decoder {
             bases.push((kind, base));
         }
         if cp != ctrl.len() || lp != lit.len() {
-            return Err(CodecError::BadLength { what: "trailing bytes after the last record" });
+            return Err(CodecError::BadLength {
+                what: "trailing bytes after the last record",
+            });
         }
         if sum.digest128() != h.checksum {
             return Err(CodecError::ChecksumMismatch { seq: h.seq });
         }
         for ((pfn, page), &(kind, base)) in out.pages().zip(bases.iter()) {
-            commit_record(&mut self.store, &RecordMeta { pfn, kind, base, fps: None }, page);
+            commit_record(
+                &mut self.store,
+                &RecordMeta {
+                    pfn,
+                    kind,
+                    base,
+                    fps: None,
+                },
+                page,
+            );
         }
         Ok(())
     }
@@ -741,7 +852,9 @@ fn decompress<'a>(
     match method {
         0 => {
             if src.len() != raw {
-                return Err(CodecError::BadLength { what: "stored section" });
+                return Err(CodecError::BadLength {
+                    what: "stored section",
+                });
             }
             return Ok(src);
         }
@@ -753,7 +866,9 @@ fn decompress<'a>(
         }
         _ => {
             if zstd_ctx.is_none() {
-                *zstd_ctx = Some(ZstdDBox(zstd::bulk::Decompressor::new().map_err(CodecError::Zstd)?));
+                *zstd_ctx = Some(ZstdDBox(
+                    zstd::bulk::Decompressor::new().map_err(CodecError::Zstd)?,
+                ));
             }
             let ctx = zstd_ctx
                 .as_mut()
@@ -763,11 +878,14 @@ fn decompress<'a>(
             buf.reserve(raw);
             // Output beyond `raw` (the spare capacity may be larger) is
             // caught by the length check below.
-            ctx.decompress_to_buffer(src, buf).map_err(CodecError::Zstd)?;
+            ctx.decompress_to_buffer(src, buf)
+                .map_err(CodecError::Zstd)?;
         }
     }
     if buf.len() != raw {
-        return Err(CodecError::BadLength { what: "decompressed section" });
+        return Err(CodecError::BadLength {
+            what: "decompressed section",
+        });
     }
     Ok(buf)
 }

@@ -31,7 +31,9 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// Size not a positive multiple of the page size or too large.
-    #[error("memory image {path} has {len} bytes, not a non-empty multiple of {PAGE_SIZE} up to {max}; is it a raw RAM image?")]
+    #[error(
+        "memory image {path} has {len} bytes, not a non-empty multiple of {PAGE_SIZE} up to {max}; is it a raw RAM image?"
+    )]
     BadSize {
         /// File.
         path: String,
@@ -41,7 +43,9 @@ pub enum ImageError {
         max: u64,
     },
     /// Image size changed between checkpoints.
-    #[error("image has {got} pages but the tracker was set up for {want}; the guest RAM size must not change")]
+    #[error(
+        "image has {got} pages but the tracker was set up for {want}; the guest RAM size must not change"
+    )]
     SizeChanged {
         /// Pages now.
         got: usize,
@@ -61,10 +65,16 @@ pub enum ImageError {
 /// Read a whole image file into `buf` (reused between checkpoints).
 pub fn load(path: &Path, max: u64, buf: &mut Vec<u8>) -> Result<(), ImageError> {
     let p = path.display().to_string();
-    let mut f = File::open(path).map_err(|source| ImageError::Read { path: p.clone(), source })?;
+    let mut f = File::open(path).map_err(|source| ImageError::Read {
+        path: p.clone(),
+        source,
+    })?;
     let len = f
         .metadata()
-        .map_err(|source| ImageError::Read { path: p.clone(), source })?
+        .map_err(|source| ImageError::Read {
+            path: p.clone(),
+            source,
+        })?
         .len();
     if len == 0 || len % PAGE_SIZE as u64 != 0 || len > max.min(MAX_IMAGE_BYTES) {
         return Err(ImageError::BadSize { path: p, len, max });
@@ -74,9 +84,16 @@ pub fn load(path: &Path, max: u64, buf: &mut Vec<u8>) -> Result<(), ImageError> 
     f.by_ref()
         .take(len)
         .read_to_end(buf)
-        .map_err(|source| ImageError::Read { path: p.clone(), source })?;
+        .map_err(|source| ImageError::Read {
+            path: p.clone(),
+            source,
+        })?;
     if buf.len() as u64 != len {
-        return Err(ImageError::BadSize { path: p, len: buf.len() as u64, max });
+        return Err(ImageError::BadSize {
+            path: p,
+            len: buf.len() as u64,
+            max,
+        });
     }
     Ok(())
 }
@@ -125,14 +142,21 @@ impl DirtyTracker {
         let n = image.len() / PAGE_SIZE;
         let fresh = self.hashes.is_empty();
         if !fresh && self.hashes.len() != n {
-            return Err(ImageError::SizeChanged { got: n, want: self.hashes.len() });
+            return Err(ImageError::SizeChanged {
+                got: n,
+                want: self.hashes.len(),
+            });
         }
         if fresh {
             self.hashes = image.chunks_exact(PAGE_SIZE).map(page_hash).collect();
             return Ok((0..n as u64).collect());
         }
         let mut dirty = Vec::new();
-        for (i, (p, h)) in image.chunks_exact(PAGE_SIZE).zip(self.hashes.iter_mut()).enumerate() {
+        for (i, (p, h)) in image
+            .chunks_exact(PAGE_SIZE)
+            .zip(self.hashes.iter_mut())
+            .enumerate()
+        {
             let nh = page_hash(p);
             if nh != *h {
                 *h = nh;
@@ -149,7 +173,10 @@ impl DirtyTracker {
     pub fn from_bitmap(&mut self, image: &[u8], bitmap: &[u64]) -> Result<Vec<u64>, ImageError> {
         let n = image.len() / PAGE_SIZE;
         if bitmap.len().saturating_mul(64) < n {
-            return Err(ImageError::BitmapTooShort { bits: bitmap.len() * 64, pages: n });
+            return Err(ImageError::BitmapTooShort {
+                bits: bitmap.len() * 64,
+                pages: n,
+            });
         }
         let mut dirty = Vec::new();
         for (w, &bits) in bitmap.iter().enumerate() {
@@ -206,7 +233,10 @@ mod tests {
         let p = dir.path().join("x.ram");
         std::fs::write(&p, [0u8; 100]).expect("write");
         let mut buf = Vec::new();
-        assert!(matches!(load(&p, MAX_IMAGE_BYTES, &mut buf), Err(ImageError::BadSize { .. })));
+        assert!(matches!(
+            load(&p, MAX_IMAGE_BYTES, &mut buf),
+            Err(ImageError::BadSize { .. })
+        ));
         std::fs::write(&p, vec![7u8; 2 * PAGE_SIZE]).expect("write");
         load(&p, MAX_IMAGE_BYTES, &mut buf).expect("load");
         assert_eq!(buf.len(), 2 * PAGE_SIZE);

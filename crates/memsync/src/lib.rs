@@ -31,6 +31,8 @@ pub mod trace;
 pub mod xbzrle;
 mod zrle;
 
-pub use codec::{CodecConfig, CodecError, Compression, Decoded, Decoder, Encoded, Encoder, KindCounts};
+pub use codec::{
+    CodecConfig, CodecError, Compression, Decoded, Decoder, Encoded, Encoder, KindCounts,
+};
 pub use page::{PAGE_SIZE, Page};
 pub use replay::{ReplayOptions, ReplayReport, run as replay_run};

@@ -44,7 +44,14 @@ pub struct RecordOptions {
 
 impl RecordOptions {
     /// Options with defaults for the given artefacts and workload.
-    pub fn new(kernel: PathBuf, initrd: PathBuf, workload: &str, interval: Duration, count: usize, out_dir: PathBuf) -> Self {
+    pub fn new(
+        kernel: PathBuf,
+        initrd: PathBuf,
+        workload: &str,
+        interval: Duration,
+        count: usize,
+        out_dir: PathBuf,
+    ) -> Self {
         Self {
             qemu: PathBuf::from("qemu-system-x86_64"),
             kernel,
@@ -142,7 +149,11 @@ fn tail(p: &Path) -> String {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RecordError + 'a {
-    move |source| RecordError::Io { what, path: path.display().to_string(), source }
+    move |source| RecordError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Record a trace. See the module docs.
@@ -153,7 +164,11 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
         }
     }
     std::fs::create_dir_all(&o.out_dir).map_err(io("creating the trace directory", &o.out_dir))?;
-    let tag = format!("understudy-rec-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ u128::from(o.mem_mib));
+    let tag = format!(
+        "understudy-rec-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ u128::from(o.mem_mib)
+    );
     let tmp = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&tmp).map_err(io("creating a temporary directory", &tmp))?;
     let ram = o.ram_dir.join(format!("{tag}.ram"));
@@ -161,10 +176,27 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
     let log = tmp.join("serial.log");
     let mem = format!("{}M", o.mem_mib);
     let child = Command::new(&o.qemu)
-        .args(["-accel", "tcg", "-machine", "pc,memory-backend=mem", "-m", &mem])
+        .args([
+            "-accel",
+            "tcg",
+            "-machine",
+            "pc,memory-backend=mem",
+            "-m",
+            &mem,
+        ])
         .arg("-object")
-        .arg(format!("memory-backend-file,id=mem,size={mem},mem-path={},share=on", ram.display()))
-        .args(["-nodefaults", "-vga", "none", "-display", "none", "-no-reboot"])
+        .arg(format!(
+            "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+            ram.display()
+        ))
+        .args([
+            "-nodefaults",
+            "-vga",
+            "none",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .arg("-kernel")
@@ -180,20 +212,31 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| RecordError::Spawn(o.qemu.display().to_string(), e))?;
-    let mut g = Guard { child, ram: ram.clone(), tmp: tmp.clone() };
+    let mut g = Guard {
+        child,
+        ram: ram.clone(),
+        tmp: tmp.clone(),
+    };
     let mut qmp = Qmp::connect_retry(&sock, Duration::from_secs(20)).map_err(RecordError::Qmp)?;
 
     let t0 = Instant::now();
     loop {
         if let Ok(Some(st)) = g.child.try_wait() {
-            return Err(RecordError::Exited { status: st.to_string(), log: tail(&log) });
+            return Err(RecordError::Exited {
+                status: st.to_string(),
+                log: tail(&log),
+            });
         }
         let s = std::fs::read(&log).unwrap_or_default();
         if s.windows(14).any(|w| w == b"WORKLOAD-START") {
             break;
         }
         if t0.elapsed() > o.boot_timeout {
-            return Err(RecordError::BootTimeout { workload: o.workload.clone(), timeout: o.boot_timeout, log: tail(&log) });
+            return Err(RecordError::BootTimeout {
+                workload: o.workload.clone(),
+                timeout: o.boot_timeout,
+                log: tail(&log),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -214,7 +257,10 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
         sum += ms;
         max = f64::max(max, ms);
         if let Ok(Some(st)) = g.child.try_wait() {
-            return Err(RecordError::Exited { status: st.to_string(), log: tail(&log) });
+            return Err(RecordError::Exited {
+                status: st.to_string(),
+                log: tail(&log),
+            });
         }
     }
     let wall_s = loop_t.elapsed().as_secs_f64();
@@ -223,7 +269,11 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
     Ok(RecordReport {
         images: o.count,
         image_bytes,
-        mean_pause_ms: if o.count > 0 { sum / o.count as f64 } else { 0.0 },
+        mean_pause_ms: if o.count > 0 {
+            sum / o.count as f64
+        } else {
+            0.0
+        },
         max_pause_ms: max,
         wall_s,
     })
@@ -235,6 +285,8 @@ pub fn default_guest_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("UNDERSTUDY_GUEST_CACHE") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/understudy/guest")
 }

@@ -95,7 +95,9 @@ pub enum ReplayError {
         source: baseline::BaselineError,
     },
     /// A rebuilt image differs from the original.
-    #[error("method {method}: rebuilt image differs from the original at checkpoint {checkpoint}, page {page}; this is a bug, please report it with the trace")]
+    #[error(
+        "method {method}: rebuilt image differs from the original at checkpoint {checkpoint}, page {page}; this is a bug, please report it with the trace"
+    )]
     Mismatch {
         /// Method name.
         method: &'static str,
@@ -208,7 +210,11 @@ impl fmt::Display for ReplayReport {
             self.steady_dirty_pages,
             mib(self.steady_dirty_pages * PAGE_SIZE as u64),
             self.steady_dirty_pages as f64 / n as f64,
-            if self.verified { ", verified byte for byte" } else { ", NOT verified" }
+            if self.verified {
+                ", verified byte for byte"
+            } else {
+                ", NOT verified"
+            }
         )?;
         writeln!(
             f,
@@ -259,7 +265,10 @@ struct Acc {
 /// time so that it means "per core" and is not skewed by other processes
 /// on a shared machine.
 pub fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec and the clock id is a
     // constant supported by Linux; the call writes only into `ts`.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
@@ -270,7 +279,9 @@ pub fn thread_cpu_time() -> Duration {
 }
 
 fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.chunks(PAGE_SIZE).zip(b.chunks(PAGE_SIZE)).position(|(x, y)| x != y)
+    a.chunks(PAGE_SIZE)
+        .zip(b.chunks(PAGE_SIZE))
+        .position(|(x, y)| x != y)
 }
 
 const NAMES: [&str; 4] = ["raw", "zero+lz4", "xbzrle", "understudy"];
@@ -309,14 +320,20 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
         .take(opts.max_checkpoints.unwrap_or(usize::MAX))
         .collect();
     for (ck, &img) in indices.iter().enumerate() {
-        trace.read(img, opts.max_image_bytes, &mut cur).map_err(ReplayError::Trace)?;
+        trace
+            .read(img, opts.max_image_bytes, &mut cur)
+            .map_err(ReplayError::Trace)?;
         let dirty = tracker.scan(&cur).map_err(ReplayError::Dirty)?;
         let pages = image::pages(&cur, &dirty);
         let steady = ck > 0;
         if steady {
             steady_dirty += dirty.len() as u64;
         }
-        let mut row = CheckpointRow { image: img, dirty_pages: dirty.len() as u64, bytes: Vec::new() };
+        let mut row = CheckpointRow {
+            image: img,
+            dirty_pages: dirty.len() as u64,
+            bytes: Vec::new(),
+        };
         for (m, a) in acc.iter_mut().enumerate() {
             stream.clear();
             let t0 = thread_cpu_time();
@@ -344,7 +361,10 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
                 _ => {
                     let e = enc
                         .encode(ck as u64, &pages)
-                        .map_err(|source| ReplayError::Codec { checkpoint: ck, source })?;
+                        .map_err(|source| ReplayError::Codec {
+                            checkpoint: ck,
+                            source,
+                        })?;
                     if steady {
                         us_counts.add(&e.kinds);
                     }
@@ -355,19 +375,26 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
             let bk = &mut backups[m];
             let wire_len = match m {
                 0 | 1 => {
-                    baseline::apply(&stream, bk)
-                        .map_err(|source| ReplayError::Baseline { checkpoint: ck, source })?;
+                    baseline::apply(&stream, bk).map_err(|source| ReplayError::Baseline {
+                        checkpoint: ck,
+                        source,
+                    })?;
                     stream.len()
                 }
                 2 => {
-                    xbzrle::apply_pass(&stream, bk)
-                        .map_err(|source| ReplayError::Xbzrle { checkpoint: ck, source })?;
+                    xbzrle::apply_pass(&stream, bk).map_err(|source| ReplayError::Xbzrle {
+                        checkpoint: ck,
+                        source,
+                    })?;
                     stream.len()
                 }
                 _ => {
                     let bytes = us_bytes.take().unwrap_or_default();
                     dec.decode_into(&bytes, &mut decoded)
-                        .map_err(|source| ReplayError::Codec { checkpoint: ck, source })?;
+                        .map_err(|source| ReplayError::Codec {
+                            checkpoint: ck,
+                            source,
+                        })?;
                     for (pfn, p) in decoded.pages() {
                         let at = pfn as usize * PAGE_SIZE;
                         bk[at..at + PAGE_SIZE].copy_from_slice(p);
@@ -390,7 +417,11 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
             if opts.verify
                 && let Some(page) = first_diff(bk, &cur)
             {
-                return Err(ReplayError::Mismatch { method: NAMES[m], checkpoint: ck, page });
+                return Err(ReplayError::Mismatch {
+                    method: NAMES[m],
+                    checkpoint: ck,
+                    page,
+                });
             }
         }
         tracing::debug!(checkpoint = ck, dirty = dirty.len(), bytes = ?row.bytes, "replayed");
@@ -398,7 +429,13 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
     }
     let raw_steady = acc[0].steady.max(1);
     let dirty_bytes = (steady_dirty * PAGE_SIZE as u64) as f64;
-    let rate = |d: Duration| if d.is_zero() { 0.0 } else { dirty_bytes / d.as_secs_f64() / 1e6 };
+    let rate = |d: Duration| {
+        if d.is_zero() {
+            0.0
+        } else {
+            dirty_bytes / d.as_secs_f64() / 1e6
+        }
+    };
     let methods = acc
         .iter()
         .enumerate()

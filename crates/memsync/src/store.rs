@@ -134,12 +134,7 @@ impl RefStore {
 
     /// Candidate slots for `page` at `pfn`: the address slot first, then
     /// content matches ordered by how many fingerprints agree.
-    pub(crate) fn candidates(
-        &self,
-        pfn: u64,
-        fps: &[u64; FP_CHUNKS],
-        out: &mut Vec<u32>,
-    ) {
+    pub(crate) fn candidates(&self, pfn: u64, fps: &[u64; FP_CHUNKS], out: &mut Vec<u32>) {
         out.clear();
         if let Some(s) = self.slot_of(pfn) {
             out.push(s);
@@ -321,6 +316,9 @@ mod tests {
         s.commit(2, &page(2));
         let mut out = Vec::new();
         s.candidates(3, &fingerprints(&page(1)), &mut out);
-        assert!(out.is_empty(), "stale fingerprints must not point at reused slots");
+        assert!(
+            out.is_empty(),
+            "stale fingerprints must not point at reused slots"
+        );
     }
 }

@@ -97,7 +97,9 @@ pub enum SyncError {
     #[error("dirty page detection failed")]
     Dirty(#[source] ImageError),
     /// Backup image I/O failed.
-    #[error("backup image {op} failed on {path}; check the disk, then restart the backup (the redo file replays)")]
+    #[error(
+        "backup image {op} failed on {path}; check the disk, then restart the backup (the redo file replays)"
+    )]
     Io {
         /// Operation.
         op: &'static str,
@@ -124,7 +126,11 @@ pub struct SyncConfig {
 impl SyncConfig {
     /// Defaults for an image of `image_pages` pages.
     pub fn new(image_pages: u64) -> Self {
-        Self { codec: CodecConfig::new(image_pages), chunk_bytes: 1 << 20, durable: true }
+        Self {
+            codec: CodecConfig::new(image_pages),
+            chunk_bytes: 1 << 20,
+            durable: true,
+        }
     }
 
     /// Largest encoded checkpoint the backup accepts for this image.
@@ -229,7 +235,10 @@ impl Primary {
         } else if applied.is_none() {
             DirtyTracker::new()
         } else {
-            tracing::info!(?applied, "backup holds an unknown checkpoint: comparing page hashes");
+            tracing::info!(
+                ?applied,
+                "backup holds an unknown checkpoint: comparing page hashes"
+            );
             DirtyTracker::from_hashes(self.fetch_hashes(t)?)
         };
         self.inflight = None;
@@ -250,20 +259,27 @@ impl Primary {
             let body = &self.buf[8..];
             if ty != MSG_HASHES
                 || start != hashes.len() as u64
-                || body.len() % 16 != 0
+                || !body.len().is_multiple_of(16)
                 || body.is_empty()
                 || hashes.len() + body.len() / 16 > pages
             {
                 return Err(proto("bad HASHES message"));
             }
-            hashes.extend(body.chunks_exact(16).map(|h| u128::from_le_bytes(h.try_into().unwrap_or([0; 16]))));
+            hashes.extend(
+                body.chunks_exact(16)
+                    .map(|h| u128::from_le_bytes(h.try_into().unwrap_or([0; 16]))),
+            );
         }
         Ok(hashes)
     }
 
     /// Send the pages of `image` that changed since what the backup holds,
     /// found by comparing page hashes.
-    pub fn checkpoint<T: Transport>(&mut self, t: &mut T, image: &[u8]) -> Result<CheckpointReport, SyncError> {
+    pub fn checkpoint<T: Transport>(
+        &mut self,
+        t: &mut T,
+        image: &[u8],
+    ) -> Result<CheckpointReport, SyncError> {
         let t0 = Instant::now();
         let mut next = self.base.clone();
         let dirty = next.scan(image).map_err(SyncError::Dirty)?;
@@ -290,7 +306,9 @@ impl Primary {
     }
 
     fn just_connected(&self) -> bool {
-        self.acked.as_ref().is_none_or(|(s, _)| *s + 1 != self.next_seq)
+        self.acked
+            .as_ref()
+            .is_none_or(|(s, _)| *s + 1 != self.next_seq)
     }
 
     fn send<T: Transport>(
@@ -312,7 +330,10 @@ impl Primary {
         let encode = t0.elapsed();
         self.inflight = Some((seq, next));
         let t1 = Instant::now();
-        t.send_parts(MSG_CKPT_BEGIN, &[&seq.to_le_bytes(), &(enc.bytes.len() as u64).to_le_bytes()])?;
+        t.send_parts(
+            MSG_CKPT_BEGIN,
+            &[&seq.to_le_bytes(), &(enc.bytes.len() as u64).to_le_bytes()],
+        )?;
         for chunk in enc.bytes.chunks(self.cfg.chunk_bytes.max(1)) {
             t.send_parts(MSG_CKPT_DATA, &[chunk])?;
         }
@@ -323,7 +344,10 @@ impl Primary {
         }
         let backup_apply = Duration::from_nanos(u64_at(&self.buf, 16).unwrap_or(0));
         let transfer = t1.elapsed();
-        let (s, tr) = self.inflight.take().ok_or_else(|| proto("internal: no checkpoint in flight"))?;
+        let (s, tr) = self
+            .inflight
+            .take()
+            .ok_or_else(|| proto("internal: no checkpoint in flight"))?;
         self.base = tr.clone();
         self.acked = Some((s, tr));
         self.next_seq = seq + 1;
@@ -371,14 +395,30 @@ impl BackupImage {
     pub fn open(path: &Path, pages: u64, durable: bool) -> Result<Self, SyncError> {
         let io = |op| {
             let p = path.display().to_string();
-            move |source| SyncError::Io { op, path: p, source }
+            move |source| SyncError::Io {
+                op,
+                path: p,
+                source,
+            }
         };
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io("open"))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io("open"))?;
         let len = pages * PAGE_SIZE as u64;
         if file.metadata().map_err(io("stat"))?.len() != len {
             file.set_len(len).map_err(io("resize"))?;
         }
-        let mut me = Self { path: path.to_path_buf(), file, pages, durable, applied: None };
+        let mut me = Self {
+            path: path.to_path_buf(),
+            file,
+            pages,
+            durable,
+            applied: None,
+        };
         me.applied = me.read_state()?;
         me.recover()?;
         Ok(me)
@@ -407,11 +447,17 @@ impl BackupImage {
             Err(e) => return Err(self.io("read state", &p)(e)),
         };
         if b.len() != 24 || &b[..8] != STATE_MAGIC {
-            return Err(SyncError::Protocol(format!("state file {} is damaged; delete it to force a hash resync", p.display())));
+            return Err(SyncError::Protocol(format!(
+                "state file {} is damaged; delete it to force a hash resync",
+                p.display()
+            )));
         }
         let seq = u64_at(&b, 8).unwrap_or(0);
         if u64_at(&b, 16) != Some(xxhash_rust::xxh3::xxh3_64(&b[..16])) {
-            return Err(SyncError::Protocol(format!("state file {} is damaged; delete it to force a hash resync", p.display())));
+            return Err(SyncError::Protocol(format!(
+                "state file {} is damaged; delete it to force a hash resync",
+                p.display()
+            )));
         }
         Ok(Some(seq))
     }
@@ -427,8 +473,14 @@ impl BackupImage {
         if self.durable
             && let Some(dir) = p.parent()
         {
-            let d = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            File::open(d).and_then(|f| f.sync_all()).map_err(self.io("fsync directory", d))?;
+            let d = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(self.io("fsync directory", d))?;
         }
         Ok(())
     }
@@ -459,7 +511,10 @@ impl BackupImage {
         };
         let max = 40 + self.pages * (8 + PAGE_SIZE as u64);
         let mut b = Vec::new();
-        Read::by_ref(&mut f).take(max + 1).read_to_end(&mut b).map_err(self.io("read redo", &p))?;
+        Read::by_ref(&mut f)
+            .take(max + 1)
+            .read_to_end(&mut b)
+            .map_err(self.io("read redo", &p))?;
         let parsed = (|| {
             if b.len() < 40 || b.len() as u64 > max || &b[..8] != REDO_MAGIC {
                 return None;
@@ -476,15 +531,27 @@ impl BackupImage {
             if n as u64 > self.pages || body.len() != 24 + n * (8 + PAGE_SIZE) {
                 return None;
             }
-            let pfns: Vec<u64> = body[24..24 + n * 8].chunks_exact(8).filter_map(|c| c.try_into().ok().map(u64::from_le_bytes)).collect();
+            let pfns: Vec<u64> = body[24..24 + n * 8]
+                .chunks_exact(8)
+                .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+                .collect();
             if pfns.iter().any(|&p| p >= self.pages) {
                 return None;
             }
-            Some(Decoded { seq, pfns, data: body[24 + n * 8..].to_vec(), kinds: KindCounts::default() })
+            Some(Decoded {
+                seq,
+                pfns,
+                data: body[24 + n * 8..].to_vec(),
+                kinds: KindCounts::default(),
+            })
         })();
         match parsed {
             Some(d) => {
-                tracing::warn!(seq = d.seq, pages = d.pfns.len(), "replaying redo file of an interrupted checkpoint");
+                tracing::warn!(
+                    seq = d.seq,
+                    pages = d.pfns.len(),
+                    "replaying redo file of an interrupted checkpoint"
+                );
                 self.apply_pages(&d)?;
             }
             None => tracing::warn!(path = %p.display(), "discarding an invalid redo file"),
@@ -495,10 +562,14 @@ impl BackupImage {
 
     fn apply_pages(&mut self, d: &Decoded) -> Result<(), SyncError> {
         for (pfn, page) in d.pages() {
-            self.file.write_all_at(page, pfn * PAGE_SIZE as u64).map_err(self.io("write", &self.path))?;
+            self.file
+                .write_all_at(page, pfn * PAGE_SIZE as u64)
+                .map_err(self.io("write", &self.path))?;
         }
         if self.durable {
-            self.file.sync_data().map_err(self.io("fsync", &self.path))?;
+            self.file
+                .sync_data()
+                .map_err(self.io("fsync", &self.path))?;
         }
         let mut s = Vec::with_capacity(24);
         s.extend_from_slice(STATE_MAGIC);
@@ -524,7 +595,9 @@ impl BackupImage {
     /// Read the whole image.
     pub fn read_all(&self) -> Result<Vec<u8>, SyncError> {
         let mut b = vec![0u8; (self.pages as usize) * PAGE_SIZE];
-        self.file.read_exact_at(&mut b, 0).map_err(self.io("read", &self.path))?;
+        self.file
+            .read_exact_at(&mut b, 0)
+            .map_err(self.io("read", &self.path))?;
         Ok(b)
     }
 
@@ -536,7 +609,9 @@ impl BackupImage {
         while pfn < self.pages {
             let n = (self.pages - pfn).min(256) as usize;
             let b = &mut buf[..n * PAGE_SIZE];
-            self.file.read_exact_at(b, pfn * PAGE_SIZE as u64).map_err(self.io("read", &self.path))?;
+            self.file
+                .read_exact_at(b, pfn * PAGE_SIZE as u64)
+                .map_err(self.io("read", &self.path))?;
             out.extend(b.chunks_exact(PAGE_SIZE).map(page_hash));
             pfn += n as u64;
         }
@@ -564,7 +639,13 @@ impl Backup {
                 cfg.codec.image_pages
             )));
         }
-        Ok(Self { cfg, image, dec: Decoder::new(cfg.codec), decoded: Decoded::default(), buf: Vec::new() })
+        Ok(Self {
+            cfg,
+            image,
+            dec: Decoder::new(cfg.codec),
+            decoded: Decoded::default(),
+            buf: Vec::new(),
+        })
     }
 
     /// The image.
@@ -587,9 +668,14 @@ impl Backup {
         let pages = u64_at(&self.buf, 6).unwrap_or(0);
         let slots = u32::from_le_bytes(self.buf[14..18].try_into().unwrap_or([0; 4]));
         if version != PROTOCOL_VERSION {
-            return Err(SyncError::Mismatch(format!("protocol version {version}, this backup speaks {PROTOCOL_VERSION}")));
+            return Err(SyncError::Mismatch(format!(
+                "protocol version {version}, this backup speaks {PROTOCOL_VERSION}"
+            )));
         }
-        if page as usize != PAGE_SIZE || pages != self.cfg.codec.image_pages || slots != self.cfg.codec.store_slots {
+        if page as usize != PAGE_SIZE
+            || pages != self.cfg.codec.image_pages
+            || slots != self.cfg.codec.store_slots
+        {
             return Err(SyncError::Mismatch(format!(
                 "primary: page {page} B, {pages} pages, {slots} slots; backup: {PAGE_SIZE} B, {} pages, {} slots",
                 self.cfg.codec.image_pages, self.cfg.codec.store_slots
@@ -598,7 +684,11 @@ impl Backup {
         let applied = self.image.applied_seq();
         t.send_parts(
             MSG_HELLO_ACK,
-            &[&PROTOCOL_VERSION.to_le_bytes(), &[u8::from(applied.is_some())], &applied.unwrap_or(0).to_le_bytes()],
+            &[
+                &PROTOCOL_VERSION.to_le_bytes(),
+                &[u8::from(applied.is_some())],
+                &applied.unwrap_or(0).to_le_bytes(),
+            ],
         )?;
         let mut applied_here = 0;
         loop {
@@ -615,7 +705,10 @@ impl Backup {
                         for h in c {
                             body.extend_from_slice(&h.to_le_bytes());
                         }
-                        t.send_parts(MSG_HASHES, &[&((i * HASHES_PER_MSG) as u64).to_le_bytes(), &body])?;
+                        t.send_parts(
+                            MSG_HASHES,
+                            &[&((i * HASHES_PER_MSG) as u64).to_le_bytes(), &body],
+                        )?;
                     }
                 }
                 MSG_CKPT_BEGIN => {
@@ -630,7 +723,9 @@ impl Backup {
                         match t.recv(&mut self.buf)? {
                             MSG_CKPT_DATA => {
                                 if data.len() + self.buf.len() > total as usize {
-                                    return Err(proto("checkpoint data exceeds its announced length"));
+                                    return Err(proto(
+                                        "checkpoint data exceeds its announced length",
+                                    ));
                                 }
                                 data.extend_from_slice(&self.buf);
                             }
@@ -641,17 +736,35 @@ impl Backup {
                     if data.len() as u64 != total {
                         return Err(proto("checkpoint shorter than announced"));
                     }
-                    self.dec.decode_into(&data, &mut self.decoded).map_err(SyncError::Codec)?;
+                    self.dec
+                        .decode_into(&data, &mut self.decoded)
+                        .map_err(SyncError::Codec)?;
                     if self.decoded.seq != seq {
                         return Err(proto("checkpoint sequence number differs from CKPT_BEGIN"));
                     }
                     self.image.apply(&self.decoded)?;
                     applied_here += 1;
                     let ns = t0.elapsed().as_nanos() as u64;
-                    t.send_parts(MSG_ACK, &[&seq.to_le_bytes(), &(self.decoded.pfns.len() as u64).to_le_bytes(), &ns.to_le_bytes()])?;
-                    tracing::debug!(seq, pages = self.decoded.pfns.len(), bytes = total, "checkpoint applied");
+                    t.send_parts(
+                        MSG_ACK,
+                        &[
+                            &seq.to_le_bytes(),
+                            &(self.decoded.pfns.len() as u64).to_le_bytes(),
+                            &ns.to_le_bytes(),
+                        ],
+                    )?;
+                    tracing::debug!(
+                        seq,
+                        pages = self.decoded.pfns.len(),
+                        bytes = total,
+                        "checkpoint applied"
+                    );
                 }
-                other => return Err(SyncError::Protocol(format!("unexpected message type {other:#06x}"))),
+                other => {
+                    return Err(SyncError::Protocol(format!(
+                        "unexpected message type {other:#06x}"
+                    )));
+                }
             }
         }
     }

@@ -19,13 +19,17 @@ pub enum TraceError {
         source: std::io::Error,
     },
     /// No images.
-    #[error("trace directory {path} holds no NNNN.ram images; record one with scripts/guest/record.sh")]
+    #[error(
+        "trace directory {path} holds no NNNN.ram images; record one with scripts/guest/record.sh"
+    )]
     Empty {
         /// Directory.
         path: String,
     },
     /// Numbering has a hole.
-    #[error("trace {path} is missing image {missing:04}.ram; images must be numbered 0000, 0001, ... without gaps")]
+    #[error(
+        "trace {path} is missing image {missing:04}.ram; images must be numbered 0000, 0001, ... without gaps"
+    )]
     Gap {
         /// Directory.
         path: String,
@@ -33,7 +37,9 @@ pub enum TraceError {
         missing: usize,
     },
     /// Sizes differ.
-    #[error("trace image {file} has {len} bytes but the first image has {first}; all images must have the same size")]
+    #[error(
+        "trace image {file} has {len} bytes but the first image has {first}; all images must have the same size"
+    )]
     SizeMismatch {
         /// File.
         file: String,
@@ -74,8 +80,14 @@ impl Trace {
     pub fn open(dir: &Path) -> Result<Self, TraceError> {
         let ds = dir.display().to_string();
         let mut idx = Vec::new();
-        for e in std::fs::read_dir(dir).map_err(|source| TraceError::List { path: ds.clone(), source })? {
-            let e = e.map_err(|source| TraceError::List { path: ds.clone(), source })?;
+        for e in std::fs::read_dir(dir).map_err(|source| TraceError::List {
+            path: ds.clone(),
+            source,
+        })? {
+            let e = e.map_err(|source| TraceError::List {
+                path: ds.clone(),
+                source,
+            })?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
             if let Some(stem) = name.strip_suffix(".ram")
@@ -94,18 +106,32 @@ impl Trace {
         let mut first = None;
         for (want, (i, p)) in idx.into_iter().enumerate() {
             if i != want {
-                return Err(TraceError::Gap { path: ds, missing: want });
+                return Err(TraceError::Gap {
+                    path: ds,
+                    missing: want,
+                });
             }
             let len = std::fs::metadata(&p)
-                .map_err(|source| TraceError::List { path: p.display().to_string(), source })?
+                .map_err(|source| TraceError::List {
+                    path: p.display().to_string(),
+                    source,
+                })?
                 .len();
             let f = *first.get_or_insert(len);
             if len != f || len == 0 || len % PAGE_SIZE as u64 != 0 {
-                return Err(TraceError::SizeMismatch { file: p.display().to_string(), len, first: f });
+                return Err(TraceError::SizeMismatch {
+                    file: p.display().to_string(),
+                    len,
+                    first: f,
+                });
             }
             files.push(p);
         }
-        Ok(Self { dir: dir.to_path_buf(), files, image_len: first.unwrap_or(0) })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            image_len: first.unwrap_or(0),
+        })
     }
 
     /// Directory.
@@ -130,7 +156,10 @@ impl Trace {
 
     /// Read image `i` into `buf`.
     pub fn read(&self, i: usize, max: u64, buf: &mut Vec<u8>) -> Result<(), TraceError> {
-        let p = self.files.get(i).ok_or_else(|| TraceError::Gap { path: self.dir.display().to_string(), missing: i })?;
+        let p = self.files.get(i).ok_or_else(|| TraceError::Gap {
+            path: self.dir.display().to_string(),
+            missing: i,
+        })?;
         image::load(p, max, buf).map_err(TraceError::Image)
     }
 }
@@ -138,7 +167,10 @@ impl Trace {
 /// Write `image` as image `i` of the trace in `dir`.
 pub fn write_image(dir: &Path, i: usize, image: &[u8]) -> Result<(), TraceError> {
     let p = dir.join(image_name(i));
-    std::fs::write(&p, image).map_err(|source| TraceError::Write { path: p.display().to_string(), source })
+    std::fs::write(&p, image).map_err(|source| TraceError::Write {
+        path: p.display().to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -148,7 +180,10 @@ mod tests {
     #[test]
     fn open_checks_numbering_and_sizes() {
         let d = tempfile::tempdir().expect("tmp");
-        assert!(matches!(Trace::open(d.path()), Err(TraceError::Empty { .. })));
+        assert!(matches!(
+            Trace::open(d.path()),
+            Err(TraceError::Empty { .. })
+        ));
         write_image(d.path(), 0, &[1u8; PAGE_SIZE]).expect("w");
         write_image(d.path(), 1, &[2u8; PAGE_SIZE]).expect("w");
         std::fs::write(d.path().join("notes.txt"), "x").expect("w");
@@ -158,8 +193,14 @@ mod tests {
         t.read(1, u64::MAX, &mut b).expect("read");
         assert_eq!(b[0], 2);
         write_image(d.path(), 3, &[2u8; PAGE_SIZE]).expect("w");
-        assert!(matches!(Trace::open(d.path()), Err(TraceError::Gap { missing: 2, .. })));
+        assert!(matches!(
+            Trace::open(d.path()),
+            Err(TraceError::Gap { missing: 2, .. })
+        ));
         write_image(d.path(), 2, &[2u8; 2 * PAGE_SIZE]).expect("w");
-        assert!(matches!(Trace::open(d.path()), Err(TraceError::SizeMismatch { .. })));
+        assert!(matches!(
+            Trace::open(d.path()),
+            Err(TraceError::SizeMismatch { .. })
+        ));
     }
 }

@@ -90,7 +90,14 @@ impl PageCache {
     pub fn new(cache_bytes: u64) -> Self {
         let pages = (cache_bytes / PAGE_SIZE as u64).max(1);
         let pow2 = 1u64 << (63 - pages.leading_zeros());
-        let items = vec![Item { addr: u64::MAX, age: 0, data: None }; pow2 as usize];
+        let items = vec![
+            Item {
+                addr: u64::MAX,
+                age: 0,
+                data: None
+            };
+            pow2 as usize
+        ];
         Self { items }
     }
 
@@ -347,7 +354,11 @@ pub fn apply_pass(stream: &[u8], image: &mut [u8]) -> Result<(), XbzrleError> {
         i += 8;
         let flags = v & (PAGE_SIZE as u64 - 1);
         if flags & FLAG_EOS != 0 {
-            return if i == stream.len() { Ok(()) } else { Err(bad(i, "bytes after end of pass")) };
+            return if i == stream.len() {
+                Ok(())
+            } else {
+                Err(bad(i, "bytes after end of pass"))
+            };
         }
         if flags & FLAG_CONTINUE == 0 {
             let n = usize::from(*stream.get(i).ok_or(bad(i, "truncated block name"))?);
@@ -368,7 +379,9 @@ pub fn apply_pass(stream: &[u8], image: &mut [u8]) -> Result<(), XbzrleError> {
                 i += 1;
             }
             FLAG_PAGE => {
-                let src = stream.get(i..i + PAGE_SIZE).ok_or(bad(i, "truncated page"))?;
+                let src = stream
+                    .get(i..i + PAGE_SIZE)
+                    .ok_or(bad(i, "truncated page"))?;
                 page.copy_from_slice(src);
                 i += PAGE_SIZE;
             }
@@ -446,7 +459,11 @@ mod tests {
         let pages: Vec<Box<Page>> = (0..4u8).map(|k| pg(move |i| (i as u8) ^ k)).collect();
         let mut image = vec![0u8; 4 * PAGE_SIZE];
         let mut tx = XbzrleSender::new(DEFAULT_CACHE_BYTES);
-        let refs: Vec<(u64, &Page)> = pages.iter().enumerate().map(|(i, p)| (i as u64, &**p)).collect();
+        let refs: Vec<(u64, &Page)> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u64, &**p))
+            .collect();
         let mut s = Vec::new();
         let c = tx.send_pass(&refs, &mut s);
         assert_eq!(c.normal, 4);
@@ -456,13 +473,21 @@ mod tests {
         // Second pass: all miss (nothing cached in the bulk stage).
         let mut p2 = pages.clone();
         p2[1][5] ^= 0xff;
-        let refs: Vec<(u64, &Page)> = p2.iter().enumerate().map(|(i, p)| (i as u64, &**p)).collect();
+        let refs: Vec<(u64, &Page)> = p2
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u64, &**p))
+            .collect();
         s.clear();
         assert_eq!(tx.send_pass(&refs, &mut s).normal, 4);
         apply_pass(&s, &mut image).expect("valid");
         // Third pass: hits; page 1 unchanged, page 2 one byte.
         p2[2][7] ^= 1;
-        let refs: Vec<(u64, &Page)> = p2.iter().enumerate().map(|(i, p)| (i as u64, &**p)).collect();
+        let refs: Vec<(u64, &Page)> = p2
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as u64, &**p))
+            .collect();
         s.clear();
         let c = tx.send_pass(&refs, &mut s);
         assert_eq!((c.unchanged, c.xbzrle), (3, 1));
@@ -475,9 +500,14 @@ mod tests {
     fn hostile_streams_rejected() {
         let mut image = vec![0u8; PAGE_SIZE];
         assert!(apply_pass(&[], &mut image).is_err());
-        let mut s = ((5 * PAGE_SIZE as u64) | FLAG_PAGE | FLAG_CONTINUE).to_be_bytes().to_vec();
+        let mut s = ((5 * PAGE_SIZE as u64) | FLAG_PAGE | FLAG_CONTINUE)
+            .to_be_bytes()
+            .to_vec();
         s.extend_from_slice(&[0; PAGE_SIZE]);
-        assert!(apply_pass(&s, &mut image).is_err(), "page outside the image");
+        assert!(
+            apply_pass(&s, &mut image).is_err(),
+            "page outside the image"
+        );
         let mut p = [0u8; PAGE_SIZE];
         assert!(decode_buffer(&[0xff, 0x7f, 1, 1], &mut p).is_err());
         assert!(decode_buffer(&[0, 0], &mut p).is_err());

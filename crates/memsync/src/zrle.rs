@@ -24,10 +24,10 @@ pub(crate) fn encode(base: &Page, page: &Page, out: &mut Vec<u8>, max_len: usize
     while i < PAGE_SIZE {
         // Skip equal bytes up to a word boundary, equal words, then equal
         // bytes again.
-        while i < PAGE_SIZE && i % 8 != 0 && base[i] == page[i] {
+        while i < PAGE_SIZE && !i.is_multiple_of(8) && base[i] == page[i] {
             i += 1;
         }
-        if i % 8 == 0 {
+        if i.is_multiple_of(8) {
             let mut w = i / 8;
             while w < wb.len() && wb[w] == wp[w] {
                 w += 1;
@@ -158,7 +158,10 @@ mod tests {
         // Zero-length literal.
         assert_eq!(apply(&mut p, &[0, 0]), Err(ZrleError::OutOfBounds));
         // Run past the end: skip 4095, len 2.
-        assert_eq!(apply(&mut p, &[0xff, 0x1f, 2, 1, 1]), Err(ZrleError::OutOfBounds));
+        assert_eq!(
+            apply(&mut p, &[0xff, 0x1f, 2, 1, 1]),
+            Err(ZrleError::OutOfBounds)
+        );
         // Literal bytes missing.
         assert_eq!(apply(&mut p, &[0, 3, 1]), Err(ZrleError::Truncated));
         // Varint cut.

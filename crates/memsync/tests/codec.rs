@@ -28,13 +28,19 @@ struct Mem {
 
 impl Mem {
     fn new(pages: usize) -> Self {
-        Self { img: vec![0; pages * PAGE_SIZE] }
+        Self {
+            img: vec![0; pages * PAGE_SIZE],
+        }
     }
     fn page_mut(&mut self, p: usize) -> &mut [u8] {
         &mut self.img[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
     }
     fn all(&self) -> Vec<(u64, &Page)> {
-        self.list(&(0..self.img.len() / PAGE_SIZE).map(|p| p as u64).collect::<Vec<_>>())
+        self.list(
+            &(0..self.img.len() / PAGE_SIZE)
+                .map(|p| p as u64)
+                .collect::<Vec<_>>(),
+        )
     }
     fn list(&self, pfns: &[u64]) -> Vec<(u64, &Page)> {
         pfns.iter()
@@ -56,7 +62,12 @@ fn apply(backup: &mut [u8], d: &understudy_memsync::Decoded) {
 #[derive(Debug, Clone)]
 enum Op {
     /// Overwrite a few bytes of a page.
-    Poke { page: usize, at: usize, len: usize, seed: u64 },
+    Poke {
+        page: usize,
+        at: usize,
+        len: usize,
+        seed: u64,
+    },
     /// Copy page `from` to `to` (duplicate / move).
     Copy { from: usize, to: usize },
     /// Copy and then modify a little (partly rewritten copy).
@@ -79,7 +90,12 @@ fn op(pages: usize) -> impl Strategy<Value = Op> {
 
 fn run_op(m: &mut Mem, o: &Op) -> Vec<u64> {
     match *o {
-        Op::Poke { page, at, len, seed } => {
+        Op::Poke {
+            page,
+            at,
+            len,
+            seed,
+        } => {
             let end = (at + len).min(PAGE_SIZE);
             fill(seed, &mut m.page_mut(page)[at..end]);
             vec![page as u64]
@@ -229,7 +245,11 @@ fn content_match_beats_same_address() {
     let e = enc.encode(1, &m.list(&[7, 9])).expect("encode");
     assert_eq!(e.kinds.delta_content_match, 1);
     assert_eq!(e.kinds.duplicate, 1);
-    assert!(e.bytes.len() < 120, "near copy + exact copy cost {} bytes", e.bytes.len());
+    assert!(
+        e.bytes.len() < 120,
+        "near copy + exact copy cost {} bytes",
+        e.bytes.len()
+    );
     let d = dec.decode(&e.bytes).expect("decode");
     assert_eq!(d.data[..PAGE_SIZE], m.img[7 * PAGE_SIZE..8 * PAGE_SIZE]);
     assert_eq!(d.data[PAGE_SIZE..], m.img[9 * PAGE_SIZE..10 * PAGE_SIZE]);
@@ -240,11 +260,20 @@ fn encoder_rejects_bad_input_and_decoder_checks_config() {
     let c = cfg(4, 4);
     let mut enc = Encoder::new(c);
     let p = [1u8; PAGE_SIZE];
-    assert!(matches!(enc.encode(0, &[(2, &p), (1, &p)]), Err(CodecError::UnsortedPages { pfn: 1 })));
-    assert!(matches!(enc.encode(0, &[(4, &p)]), Err(CodecError::PageOutOfRange { .. })));
+    assert!(matches!(
+        enc.encode(0, &[(2, &p), (1, &p)]),
+        Err(CodecError::UnsortedPages { pfn: 1 })
+    ));
+    assert!(matches!(
+        enc.encode(0, &[(4, &p)]),
+        Err(CodecError::PageOutOfRange { .. })
+    ));
     let e = enc.encode(0, &[(1, &p)]).expect("encode");
     let mut other = Decoder::new(cfg(4, 8));
-    assert!(matches!(other.decode(&e.bytes), Err(CodecError::StoreMismatch { .. })));
+    assert!(matches!(
+        other.decode(&e.bytes),
+        Err(CodecError::StoreMismatch { .. })
+    ));
     let mut small = Decoder::new(cfg(1, 4));
     assert!(small.decode(&e.bytes).is_err());
 }
@@ -267,6 +296,9 @@ fn checksum_catches_diverged_stores() {
     dec2.decode(&e_b.bytes).expect("decode");
     a[100] = 1;
     let e = enc.encode(1, &[(0, &a)]).expect("encode");
-    assert!(matches!(dec2.decode(&e.bytes), Err(CodecError::ChecksumMismatch { seq: 1 })));
+    assert!(matches!(
+        dec2.decode(&e.bytes),
+        Err(CodecError::ChecksumMismatch { seq: 1 })
+    ));
     assert!(dec.decode(&e.bytes).is_ok());
 }

@@ -5,7 +5,9 @@ use std::thread;
 
 use understudy_memsync::codec::{CodecConfig, Decoder, Encoder};
 use understudy_memsync::page::PAGE_SIZE;
-use understudy_memsync::sync::{Backup, BackupImage, MSG_CKPT_DATA, Primary, SyncConfig, SyncError, Transport};
+use understudy_memsync::sync::{
+    Backup, BackupImage, MSG_CKPT_DATA, Primary, SyncConfig, SyncError, Transport,
+};
 use understudy_peer::{Link, PeerConfig, PeerKey};
 
 const PAGES: u64 = 256;
@@ -81,14 +83,20 @@ fn cut_checkpoint_leaves_previous_one_and_reconnect_resumes() {
 
     // Connection 1: initial sync and one incremental checkpoint.
     let (mut pl, bl) = links();
-    let h = spawn(Backup::new(c, BackupImage::open(&path, PAGES, true).expect("open")).expect("backup"), bl);
+    let h = spawn(
+        Backup::new(c, BackupImage::open(&path, PAGES, true).expect("open")).expect("backup"),
+        bl,
+    );
     primary.handshake(&mut pl).expect("handshake");
     let r1 = primary.checkpoint(&mut pl, &img).expect("ckpt 1");
     assert_eq!((r1.seq, r1.dirty_pages), (1, PAGES));
     scribble(&mut img, 2, 20);
     let r2 = primary.checkpoint(&mut pl, &img).expect("ckpt 2");
     assert!(r2.dirty_pages > 0 && r2.dirty_pages <= 20);
-    assert!(r2.wire_bytes < r2.dirty_pages * 600, "deltas must be small: {r2:?}");
+    assert!(
+        r2.wire_bytes < r2.dirty_pages * 600,
+        "deltas must be small: {r2:?}"
+    );
     pl.shutdown("done").expect("shutdown");
     let (backup, r) = h.join().expect("join");
     assert_eq!(r.expect("clean end"), 2);
@@ -98,15 +106,26 @@ fn cut_checkpoint_leaves_previous_one_and_reconnect_resumes() {
     // Connection 2: the link dies in the middle of checkpoint 3.
     let (pl, bl) = links();
     let h = spawn(backup, bl);
-    let mut cut = Cut { link: pl, left: 1, fired: false };
+    let mut cut = Cut {
+        link: pl,
+        left: 1,
+        fired: false,
+    };
     primary.handshake(&mut cut).expect("handshake");
     scribble(&mut img, 3, 60);
     assert!(primary.checkpoint(&mut cut, &img).is_err());
-    assert!(cut.fired, "the checkpoint must span several frames and be cut after the first");
+    assert!(
+        cut.fired,
+        "the checkpoint must span several frames and be cut after the first"
+    );
     let (backup, r) = h.join().expect("join");
     assert!(r.is_err(), "a cut checkpoint must fail on the backup");
     assert_eq!(backup.image().applied_seq(), Some(2));
-    assert_eq!(backup.image().read_all().expect("read"), at_2, "backup must stay on checkpoint 2");
+    assert_eq!(
+        backup.image().read_all().expect("read"),
+        at_2,
+        "backup must stay on checkpoint 2"
+    );
     assert_eq!(primary.acked_seq(), Some(2));
 
     // Checkpoint before a new handshake is refused.
@@ -119,12 +138,19 @@ fn cut_checkpoint_leaves_previous_one_and_reconnect_resumes() {
     let h = spawn(backup, bl);
     primary.handshake(&mut pl).expect("handshake");
     scribble(&mut img, 4, 10);
-    let r3 = primary.checkpoint(&mut pl, &img).expect("ckpt after reconnect");
+    let r3 = primary
+        .checkpoint(&mut pl, &img)
+        .expect("ckpt after reconnect");
     assert_eq!(r3.seq, 3);
     let changed = (0..PAGES as usize)
-        .filter(|&p| img[p * PAGE_SIZE..(p + 1) * PAGE_SIZE] != at_2[p * PAGE_SIZE..(p + 1) * PAGE_SIZE])
+        .filter(|&p| {
+            img[p * PAGE_SIZE..(p + 1) * PAGE_SIZE] != at_2[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+        })
         .count() as u64;
-    assert_eq!(r3.dirty_pages, changed, "exactly the pages differing from checkpoint 2");
+    assert_eq!(
+        r3.dirty_pages, changed,
+        "exactly the pages differing from checkpoint 2"
+    );
     scribble(&mut img, 5, 10);
     primary.checkpoint(&mut pl, &img).expect("ckpt 4");
     pl.shutdown("done").expect("shutdown");
@@ -134,7 +160,8 @@ fn cut_checkpoint_leaves_previous_one_and_reconnect_resumes() {
     drop(backup);
 
     // Backup restart: the sequence number persisted; still incremental.
-    let backup = Backup::new(c, BackupImage::open(&path, PAGES, true).expect("reopen")).expect("backup");
+    let backup =
+        Backup::new(c, BackupImage::open(&path, PAGES, true).expect("reopen")).expect("backup");
     assert_eq!(backup.image().applied_seq(), Some(4));
     let (mut pl, bl) = links();
     let h = spawn(backup, bl);
@@ -153,9 +180,14 @@ fn cut_checkpoint_leaves_previous_one_and_reconnect_resumes() {
     let h = spawn(backup, bl);
     fresh.handshake(&mut pl).expect("handshake");
     scribble(&mut img, 7, 2);
-    let r6 = fresh.checkpoint(&mut pl, &img).expect("ckpt after primary restart");
+    let r6 = fresh
+        .checkpoint(&mut pl, &img)
+        .expect("ckpt after primary restart");
     assert_eq!(r6.seq, 6);
-    assert!(r6.dirty_pages <= 2, "hash resync must not resend the image: {r6:?}");
+    assert!(
+        r6.dirty_pages <= 2,
+        "hash resync must not resend the image: {r6:?}"
+    );
     pl.shutdown("done").expect("shutdown");
     let (backup, _) = h.join().expect("join");
     assert_eq!(backup.image().read_all().expect("read"), img);
@@ -165,11 +197,16 @@ fn cut_checkpoint_leaves_previous_one_and_reconnect_resumes() {
 fn crash_after_redo_is_replayed_on_open() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("b.ram");
-    let cc = CodecConfig { store_slots: 8, ..CodecConfig::new(8) };
+    let cc = CodecConfig {
+        store_slots: 8,
+        ..CodecConfig::new(8)
+    };
     let mut enc = Encoder::new(cc);
     let mut dec = Decoder::new(cc);
     let p = [9u8; PAGE_SIZE];
-    let d = dec.decode(&enc.encode(7, &[(3, &p)]).expect("enc").bytes).expect("dec");
+    let d = dec
+        .decode(&enc.encode(7, &[(3, &p)]).expect("enc").bytes)
+        .expect("dec");
     {
         let img = BackupImage::open(&path, 8, true).expect("open");
         assert_eq!(img.applied_seq(), None);
@@ -198,7 +235,14 @@ fn mismatched_configuration_is_refused() {
     let mut other = c;
     other.codec.store_slots = 32;
     let (mut pl, bl) = links();
-    let h = spawn(Backup::new(c, BackupImage::open(&dir.path().join("x"), PAGES, false).expect("open")).expect("b"), bl);
+    let h = spawn(
+        Backup::new(
+            c,
+            BackupImage::open(&dir.path().join("x"), PAGES, false).expect("open"),
+        )
+        .expect("b"),
+        bl,
+    );
     let mut primary = Primary::new(other);
     assert!(primary.handshake(&mut pl).is_err());
     let (_, r) = h.join().expect("join");

@@ -314,7 +314,9 @@ pub enum Msg<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     /// Unknown message type.
-    #[error("unknown migration message type {0:#06x}: the peer speaks a newer protocol; upgrade this side")]
+    #[error(
+        "unknown migration message type {0:#06x}: the peer speaks a newer protocol; upgrade this side"
+    )]
     UnknownType(u16),
     /// The payload ended early.
     #[error("{what} is truncated: the peer is broken or speaks another protocol version")]
@@ -323,7 +325,9 @@ pub enum WireError {
         what: &'static str,
     },
     /// The payload has bytes after the message.
-    #[error("{what} has {extra} trailing bytes: the peer is broken or speaks another protocol version")]
+    #[error(
+        "{what} has {extra} trailing bytes: the peer is broken or speaks another protocol version"
+    )]
     Trailing {
         /// Message.
         what: &'static str,

@@ -21,7 +21,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use understudy_nbd_proto::wire::REQUEST_HEADER_LEN;
@@ -301,6 +301,11 @@ impl Conn {
                     if !primary && self.try_retire() {
                         return;
                     }
+                    if primary && self.waiting.load(Ordering::Acquire) > 1 {
+                        // The mutex is not fair: step aside so a parked idle
+                        // helper gets the reader, times out and retires.
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
                     continue;
                 }
                 Incoming::End(end) => {
@@ -396,8 +401,13 @@ impl Conn {
             .name(format!("nbd-conn{}", self.id))
             .stack_size(WORKER_STACK)
             .spawn(move || {
+                bump(&conn.shared.stats.worker_threads, 1);
                 conn.worker_loop(false);
                 conn.workers.fetch_sub(1, Ordering::AcqRel);
+                conn.shared
+                    .stats
+                    .worker_threads
+                    .fetch_sub(1, Ordering::Relaxed);
             });
         match spawned {
             Ok(h) => handles.push(h),

@@ -320,6 +320,66 @@ impl DirtyMapSource for MemoryDirtyMap {
 mod tests {
     use super::*;
 
+    fn disk(dir: &tempfile::TempDir, name: &str) -> Arc<dyn Disk> {
+        Arc::new(understudy_block::raw::RawDisk::create(&dir.path().join(name), 4096).unwrap())
+    }
+
+    #[test]
+    fn default_export_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = ExportRegistry::new();
+        assert!(r.resolve("").is_none());
+        r.insert(Export::new("a", disk(&dir, "a")));
+        // A single export is the default.
+        assert_eq!(r.resolve("").unwrap().name, "a");
+        r.insert(Export::new("b", disk(&dir, "b")));
+        assert!(r.resolve("").is_none(), "two exports and no default");
+        r.set_default(Some("b"));
+        assert_eq!(r.resolve("").unwrap().name, "b");
+        assert_eq!(r.resolve("a").unwrap().name, "a");
+        assert!(r.resolve("c").is_none());
+        // An export literally named "" wins for the empty name.
+        r.insert(Export::new("", disk(&dir, "empty")));
+        assert_eq!(r.resolve("").unwrap().name, "");
+        r.remove("");
+        // Removing the default clears it.
+        assert!(r.remove("b").is_some());
+        assert_eq!(r.resolve("").unwrap().name, "a");
+        assert_eq!(r.names(), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn descriptor_flags_follow_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Export::new("a", disk(&dir, "a"));
+        let d = e.descriptor();
+        assert_eq!(d.size, 4096);
+        assert_ne!(d.flags & FLAG_CAN_MULTI_CONN, 0);
+        assert_ne!(d.flags & FLAG_SEND_WRITE_ZEROES, 0);
+        assert_eq!(d.flags & FLAG_READ_ONLY, 0);
+        assert_eq!(
+            d.block_size,
+            BlockSize {
+                min: 1,
+                preferred: 4096,
+                max: MAX_REQUEST_LEN
+            }
+        );
+        assert_eq!(d.contexts, vec![MetaContext::BaseAllocation]);
+        let ro = Export::new("r", disk(&dir, "r"))
+            .with_read_only(true)
+            .descriptor();
+        assert_ne!(ro.flags & FLAG_READ_ONLY, 0);
+        assert_eq!(
+            ro.flags & (FLAG_SEND_WRITE_ZEROES | FLAG_SEND_TRIM | FLAG_SEND_FAST_ZERO),
+            0
+        );
+        let m = Arc::new(MemoryDirtyMap::new(4096, 512));
+        m.add_bitmap("x");
+        let with = Export::new("w", disk(&dir, "w")).with_dirty(m).descriptor();
+        assert_eq!(with.contexts[1], MetaContext::DirtyBitmap("x".into()));
+    }
+
     #[test]
     fn memory_dirty_map_runs() {
         let m = MemoryDirtyMap::new(10_000, 1000);

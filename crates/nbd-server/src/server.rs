@@ -226,12 +226,14 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream, peer: String) {
         .name(format!("nbd-conn{id}"))
         .stack_size(WORKER_STACK)
         .spawn(move || {
+            bump(&sh.stats.worker_threads, 1);
             if let Err(e) = conn::serve(&sh, id, stream) {
                 bump(&sh.stats.handshakes_failed, 1);
                 tracing::debug!(conn = id, "connection ended: {}", crate::error_chain(&e));
             }
             // Dropping our own handle detaches this (finishing) thread.
             sh.conns.lock().remove(&id);
+            sh.stats.worker_threads.fetch_sub(1, Ordering::Relaxed);
             sh.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
             let mut active = sh.active.lock();
             *active -= 1;

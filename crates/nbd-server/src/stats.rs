@@ -13,6 +13,9 @@ pub struct Stats {
     pub connections_rejected: u64,
     /// Handshakes that ended in an error or timeout.
     pub handshakes_failed: u64,
+    /// Server threads serving connections right now (one per connection
+    /// plus helper workers; accept loops excluded).
+    pub worker_threads: u64,
     /// `READ` requests.
     pub reads: u64,
     /// `WRITE` requests.
@@ -45,6 +48,7 @@ pub(crate) struct Counters {
     pub connections_active: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    pub worker_threads: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
@@ -70,6 +74,7 @@ impl Counters {
             connections_active: self.connections_active.load(Relaxed),
             connections_rejected: self.connections_rejected.load(Relaxed),
             handshakes_failed: self.handshakes_failed.load(Relaxed),
+            worker_threads: self.worker_threads.load(Relaxed),
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),
             flushes: self.flushes.load(Relaxed),

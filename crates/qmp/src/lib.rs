@@ -28,7 +28,9 @@ const MAX_EVENTS: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// Connecting to the socket failed.
-    #[error("cannot connect to QMP socket {path}; is QEMU running with -qmp unix:{path},server,nowait?")]
+    #[error(
+        "cannot connect to QMP socket {path}; is QEMU running with -qmp unix:{path},server,nowait?"
+    )]
     Connect {
         /// Socket path.
         path: String,
@@ -82,8 +84,10 @@ pub struct Qmp {
 impl Qmp {
     /// Connect to `path`, read the greeting and negotiate capabilities.
     pub fn connect(path: &Path) -> Result<Self, QmpError> {
-        let s = UnixStream::connect(path)
-            .map_err(|source| QmpError::Connect { path: path.display().to_string(), source })?;
+        let s = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_stream(s)
     }
 
@@ -102,7 +106,8 @@ impl Qmp {
 
     /// Use an already connected stream (for tests and socket pairs).
     pub fn from_stream(s: UnixStream) -> Result<Self, QmpError> {
-        s.set_read_timeout(Some(Duration::from_secs(30))).map_err(QmpError::Io)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(QmpError::Io)?;
         let writer = s.try_clone().map_err(QmpError::Io)?;
         let mut q = Self {
             reader: BufReader::new(s),
@@ -134,9 +139,13 @@ impl Qmp {
         let mut line = Vec::new();
         loop {
             let buf = self.reader.fill_buf().map_err(|e| match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    QmpError::Timeout(self.writer.read_timeout().ok().flatten().unwrap_or_default())
-                }
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => QmpError::Timeout(
+                    self.writer
+                        .read_timeout()
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default(),
+                ),
                 _ => QmpError::Io(e),
             })?;
             if buf.is_empty() {
@@ -179,7 +188,9 @@ impl Qmp {
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(QmpError::Io)?;
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(QmpError::Io)?;
         loop {
             let v = self.read_value()?;
             if v.get("event").is_some() {
@@ -194,7 +205,11 @@ impl Qmp {
             }
             if let Some(e) = v.get("error") {
                 let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                return Err(QmpError::Command { command: command.to_string(), class: s("class"), desc: s("desc") });
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: s("class"),
+                    desc: s("desc"),
+                });
             }
             return Err(QmpError::Unexpected(v.to_string()));
         }
@@ -245,7 +260,8 @@ mod tests {
             let mut b = b;
             let mut got = Vec::new();
             let mut r = BufReader::new(b.try_clone().expect("clone"));
-            b.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").expect("w");
+            b.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .expect("w");
             for reply in script {
                 let mut l = String::new();
                 if r.read_line(&mut l).expect("read") == 0 {
@@ -273,7 +289,9 @@ mod tests {
         q.stop().expect("stop");
         assert_eq!(q.status().expect("status"), "paused");
         match q.execute("bogus", Some(json!({"x": 1}))) {
-            Err(QmpError::Command { class, desc, .. }) => assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "nope")),
+            Err(QmpError::Command { class, desc, .. }) => {
+                assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "nope"))
+            }
             other => panic!("expected a command error, got {other:?}"),
         }
         let ev = q.take_events();
@@ -293,7 +311,10 @@ mod tests {
         assert!(matches!(Qmp::from_stream(a), Err(QmpError::NoGreeting(_))));
         drop(b);
 
-        let (s, _h) = fake(vec!["{\"return\": {}, \"id\": 1}\n", "{\"return\": {}, \"id\": 99}\n"]);
+        let (s, _h) = fake(vec![
+            "{\"return\": {}, \"id\": 1}\n",
+            "{\"return\": {}, \"id\": 99}\n",
+        ]);
         let mut q = Qmp::from_stream(s).expect("connect");
         assert!(matches!(q.cont(), Err(QmpError::Unexpected(_))));
     }

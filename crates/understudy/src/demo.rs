@@ -46,10 +46,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let _ = std::fs::remove_file(PathBuf::from(p));
     }
     understudy_block::raw::RawDisk::create(&image, size)?;
-    println!("created sparse raw image {} ({} MiB)", image.display(), size >> 20);
+    println!(
+        "created sparse raw image {} ({} MiB)",
+        image.display(),
+        size >> 20
+    );
 
-    let spec: ExportSpec = format!("name=demo,path={},format=raw,bitmap=changes:64k", image.display())
-        .parse()?;
+    let spec: ExportSpec = format!(
+        "name=demo,path={},format=raw,bitmap=changes:64k",
+        image.display()
+    )
+    .parse()?;
     let serve = ServeArgs {
         listen: vec!["127.0.0.1:0".into()],
         socket: vec![],
@@ -64,7 +71,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("serving export \"demo\" over NBD at nbd://{addr}/demo with dirty bitmap \"changes\"");
 
     let mut c = NbdClient::connect(&addr, "demo")?;
-    ensure!(c.size() == size, "server reports size {} for a {size}-byte image", c.size());
+    ensure!(
+        c.size() == size,
+        "server reports size {} for a {size}-byte image",
+        c.size()
+    );
     let writes: [(u64, usize, u8); 4] = [
         (0, 4096, 0x11),
         (1 << 20, 200 << 10, 0x22),
@@ -109,7 +120,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if args.stay {
         println!("\nstill serving; try:");
         println!("  nbdinfo --map=qemu:dirty-bitmap:changes nbd://{addr}/demo");
-        println!("  understudy bitmap --control {} list", serve.control.display());
+        println!(
+            "  understudy bitmap --control {} list",
+            serve.control.display()
+        );
         let control = crate::control::server::ControlServer::start(&serve.control, daemon.clone())?;
         let d2: Arc<Daemon> = daemon.clone();
         let mut signals = signal_hook::iterator::Signals::new([
@@ -124,12 +138,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
         daemon.wait_for_stop();
         control.stop();
     } else {
-        println!("\nsee it with outside tools: `understudy demo --stay`, then nbdinfo --map=qemu:dirty-bitmap:changes");
+        println!(
+            "\nsee it with outside tools: `understudy demo --stay`, then nbdinfo --map=qemu:dirty-bitmap:changes"
+        );
     }
     drop(c);
     daemon.shutdown()?;
     daemon.join();
-    println!("stopped cleanly; bitmaps persisted next to {}", image.display());
+    println!(
+        "stopped cleanly; bitmaps persisted next to {}",
+        image.display()
+    );
     Ok(())
 }
 
@@ -151,5 +170,9 @@ fn print_grid(result: &serde_json::Value, size: u64) {
             grid[i as usize] = '#';
         }
     }
-    println!("[{}]  (each cell = {} KiB)", grid.iter().collect::<String>(), cell >> 10);
+    println!(
+        "[{}]  (each cell = {} KiB)",
+        grid.iter().collect::<String>(),
+        cell >> 10
+    );
 }

@@ -9,8 +9,8 @@ use std::net::TcpStream;
 use anyhow::{Context, Result, bail, ensure};
 use understudy_nbd_proto::wire::{
     CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE,
-    IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_GO, OPTION_REPLY_MAGIC, REP_ACK, REP_FLAG_ERROR,
-    REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_GO, OPTION_REPLY_MAGIC, REP_ACK, REP_FLAG_ERROR, REP_INFO,
+    REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
 
 /// Largest option reply payload this client accepts.
@@ -69,7 +69,10 @@ impl NbdClient {
             ensure!(be_u64(&h) == OPTION_REPLY_MAGIC, "bad option reply magic");
             let rtype = be_u32(&h[12..]);
             let len = be_u32(&h[16..]);
-            ensure!(len <= MAX_OPT_REPLY, "option reply of {len} bytes is too long");
+            ensure!(
+                len <= MAX_OPT_REPLY,
+                "option reply of {len} bytes is too long"
+            );
             let mut data = vec![0u8; len as usize];
             sock.read_exact(&mut data)?;
             if rtype & REP_FLAG_ERROR != 0 {

@@ -187,7 +187,10 @@ impl Daemon {
         let mut exports = BTreeMap::new();
         for spec in &args.exports {
             if exports.contains_key(&spec.name) {
-                bail!("export name {:?} is given twice: names must be unique", spec.name);
+                bail!(
+                    "export name {:?} is given twice: names must be unique",
+                    spec.name
+                );
             }
             exports.insert(spec.name.clone(), open_export(spec, args)?);
         }
@@ -205,7 +208,8 @@ impl Daemon {
             nbd.exports().insert(e);
         }
         if exports.len() == 1 {
-            nbd.exports().set_default(exports.keys().next().map(String::as_str));
+            nbd.exports()
+                .set_default(exports.keys().next().map(String::as_str));
         }
         let mut listen = args.listen.clone();
         if listen.is_empty() && args.socket.is_empty() {
@@ -219,30 +223,33 @@ impl Daemon {
             })?;
             tcp_addrs.push(l.local_addr()?);
             let s = nbd.clone();
-            accept_threads.push(std::thread::Builder::new().name("nbd-accept".into()).spawn(
-                move || {
-                    if let Err(e) = s.serve_tcp(l) {
-                        tracing::error!("NBD TCP listener failed: {e:#}");
-                    }
-                },
-            )?);
+            accept_threads.push(
+                std::thread::Builder::new()
+                    .name("nbd-accept".into())
+                    .spawn(move || {
+                        if let Err(e) = s.serve_tcp(l) {
+                            tracing::error!("NBD TCP listener failed: {e:#}");
+                        }
+                    })?,
+            );
         }
         for path in &args.socket {
             if path.exists() {
-                std::fs::remove_file(path).with_context(|| {
-                    format!("removing old socket file {}", path.display())
-                })?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing old socket file {}", path.display()))?;
             }
             let l = UnixListener::bind(path)
                 .with_context(|| format!("cannot listen on Unix socket {}", path.display()))?;
             let s = nbd.clone();
-            accept_threads.push(std::thread::Builder::new().name("nbd-accept".into()).spawn(
-                move || {
-                    if let Err(e) = s.serve_unix(l) {
-                        tracing::error!("NBD Unix listener failed: {e:#}");
-                    }
-                },
-            )?);
+            accept_threads.push(
+                std::thread::Builder::new()
+                    .name("nbd-accept".into())
+                    .spawn(move || {
+                        if let Err(e) = s.serve_unix(l) {
+                            tracing::error!("NBD Unix listener failed: {e:#}");
+                        }
+                    })?,
+            );
         }
         let (stop_tx, stop_rx) = mpsc::channel();
         Ok(Arc::new(Self {
@@ -327,7 +334,11 @@ impl Daemon {
                 format: st.disk.info().format.to_string(),
                 size: st.disk.size(),
                 read_only: st.spec.read_only,
-                bitmaps: st.store.as_ref().map(|s| bitmap_entries(s)).unwrap_or_default(),
+                bitmaps: st
+                    .store
+                    .as_ref()
+                    .map(|s| bitmap_entries(s))
+                    .unwrap_or_default(),
             })
             .collect()
     }
@@ -486,9 +497,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let daemon = Daemon::start(&args)?;
     let control = ControlServer::start(&args.control, daemon.clone())?;
     let d2 = daemon.clone();
-    let mut signals =
-        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-            .context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

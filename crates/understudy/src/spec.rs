@@ -43,9 +43,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     if num.is_empty() {
         bail!("invalid size {s:?}: expected a number with an optional k, m, g or t suffix");
     }
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("invalid size {s:?}"))?;
+    let n: u64 = num.parse().with_context(|| format!("invalid size {s:?}"))?;
     let mult: u64 = match unit {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! Crash safety of dirty bitmaps: `kill -9` the server during a write storm
 //! from a real client, restart it, and check that every block whose
 //! contents changed is dirty, and that over-marking stays inside the
@@ -67,7 +68,11 @@ fn kill_9_during_write_storm_loses_no_dirty_block() {
             if v[0]["bitmaps"][0]["dirty_bytes"].as_u64().unwrap_or(0) > 0 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "fio never wrote: {}", srv.log_text());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fio never wrote: {}",
+                srv.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(delay_ms));

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! `understudy serve` driven by real, independent NBD clients: qemu-io,
 //! qemu-img, nbdinfo and nbdcopy.
 
@@ -54,15 +55,30 @@ fn qemu_io_writes_match_local_reference_and_bitmap() {
     run(
         "qemu-io",
         &[
-            "-f", "raw", "-c", "read -P 0xab 0 64k", "-c", "read -P 0xcd 1000000 5555", "-c",
-            "read -P 0 8M 64k", "-c", "read -P 0 9M 128k", "-c", "read -P 0x11 8454144 65536",
-            "-c", "read -P 0x44 63M 1M", &uri,
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xab 0 64k",
+            "-c",
+            "read -P 0xcd 1000000 5555",
+            "-c",
+            "read -P 0 8M 64k",
+            "-c",
+            "read -P 0 9M 128k",
+            "-c",
+            "read -P 0x11 8454144 65536",
+            "-c",
+            "read -P 0x44 63M 1M",
+            &uri,
         ],
     );
     let info = run("qemu-img", &["info", "--output=json", &uri]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["virtual-size"].as_u64(), Some(64 * MIB));
-    let cmp = run_raw("qemu-img", &["compare", "-f", "raw", "-F", "raw", &reference, &uri]);
+    let cmp = run_raw(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &reference, &uri],
+    );
     assert!(
         cmp.status.success(),
         "images differ: {}",
@@ -81,7 +97,10 @@ fn qemu_io_writes_match_local_reference_and_bitmap() {
         })
     };
     assert!(data_at(0) && data_at(63 * MIB));
-    assert!(!data_at(40 * MIB), "untouched range reported as data: {map:?}");
+    assert!(
+        !data_at(40 * MIB),
+        "untouched range reported as data: {map:?}"
+    );
 
     // Dirty bitmap over NBD and over the control API agree and cover every
     // touched granule, and nothing far away.
@@ -94,7 +113,10 @@ fn qemu_io_writes_match_local_reference_and_bitmap() {
         (21 * MIB, 4096),
         (63 * MIB, MIB),
     ] {
-        assert!(covered(&runs, off, len), "{off}+{len} not dirty in {runs:?}");
+        assert!(
+            covered(&runs, off, len),
+            "{off}+{len} not dirty in {runs:?}"
+        );
     }
     assert!(!covered(&runs, 40 * MIB, 4096));
     let total: u64 = runs.iter().map(|r| r.1).sum();
@@ -111,10 +133,7 @@ fn qemu_io_writes_match_local_reference_and_bitmap() {
             (63 * MIB, MIB)
         ]
     );
-    let nbd_map = run(
-        "nbdinfo",
-        &["--map=qemu:dirty-bitmap:b", "--json", &uri],
-    );
+    let nbd_map = run("nbdinfo", &["--map=qemu:dirty-bitmap:b", "--json", &uri]);
     let nbd_map: serde_json::Value = serde_json::from_str(&nbd_map).unwrap();
     let nbd_dirty: u64 = nbd_map
         .as_array()
@@ -123,9 +142,15 @@ fn qemu_io_writes_match_local_reference_and_bitmap() {
         .filter(|e| e["type"].as_u64() == Some(1))
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
-    assert_eq!(nbd_dirty, total, "NBD dirty context disagrees with the control API");
+    assert_eq!(
+        nbd_dirty, total,
+        "NBD dirty context disagrees with the control API"
+    );
 
-    let list = run("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{}", srv.port)]);
+    let list = run(
+        "nbdinfo",
+        &["--list", &format!("nbd://127.0.0.1:{}", srv.port)],
+    );
     assert!(list.contains("disk"), "{list}");
     assert!(srv.stop(), "server did not stop cleanly");
 }
@@ -137,7 +162,9 @@ fn nbdcopy_roundtrip_and_multiple_exports() {
     let a = raw_image(dir.path(), "a.raw", 32 * MIB);
     let b = raw_image(dir.path(), "b.raw", 32 * MIB);
     let src = dir.path().join("src.raw");
-    let data: Vec<u8> = (0..32 * MIB as usize).map(|i| (i * 7 / 4096) as u8).collect();
+    let data: Vec<u8> = (0..32 * MIB as usize)
+        .map(|i| (i * 7 / 4096) as u8)
+        .collect();
     std::fs::write(&src, &data).unwrap();
     let sock = dir.path().join("nbd.sock");
     let srv = Server::start(
@@ -157,7 +184,10 @@ fn nbdcopy_roundtrip_and_multiple_exports() {
     run("nbdcopy", &[&srv.uri("a"), &unix_b]);
     let out = dir.path().join("out.raw");
     run("nbdcopy", &[&unix_b, &out.display().to_string()]);
-    assert!(std::fs::read(&out).unwrap() == data, "round trip changed the data");
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "round trip changed the data"
+    );
     assert!(srv.stop());
 }
 
@@ -171,19 +201,49 @@ fn qcow2_overlay_on_raw_base() {
     let ov = dir.path().join("overlay.qcow2").display().to_string();
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", &base.display().to_string(), "-F", "raw", &ov],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &base.display().to_string(),
+            "-F",
+            "raw",
+            &ov,
+        ],
     );
-    let srv = Server::start(dir.path(), &["--export", &format!("name=vm,path={ov},bitmap=inc")]);
+    let srv = Server::start(
+        dir.path(),
+        &["--export", &format!("name=vm,path={ov},bitmap=inc")],
+    );
     let uri = srv.uri("vm");
     run(
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x77 1M 64k", "-c", "write -P 0x78 3000 100", &uri],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 1M 64k",
+            "-c",
+            "write -P 0x78 3000 100",
+            &uri,
+        ],
     );
     run(
         "qemu-io",
         &[
-            "-f", "raw", "-c", "read -P 0x5a 0 3000", "-c", "read -P 0x78 3000 100", "-c",
-            "read -P 0x77 1M 64k", "-c", "read -P 0x5a 2M 1M", &uri,
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 0 3000",
+            "-c",
+            "read -P 0x78 3000 100",
+            "-c",
+            "read -P 0x77 1M 64k",
+            "-c",
+            "read -P 0x5a 2M 1M",
+            &uri,
         ],
     );
     let runs = srv.dirty_runs("vm", "inc");
@@ -194,7 +254,16 @@ fn qcow2_overlay_on_raw_base() {
     assert!(info.contains("base.raw"), "{info}");
     run(
         "qemu-io",
-        &["-f", "qcow2", "-r", "-c", "read -P 0x77 1M 64k", "-c", "read -P 0x5a 2M 1M", &ov],
+        &[
+            "-f",
+            "qcow2",
+            "-r",
+            "-c",
+            "read -P 0x77 1M 64k",
+            "-c",
+            "read -P 0x5a 2M 1M",
+            &ov,
+        ],
     );
 }
 
@@ -204,7 +273,10 @@ fn qcow2_overlay_on_raw_base() {
 fn bitmap_commands_and_clean_restart() {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), "d.raw", 16 * MIB);
-    let srv = Server::start(dir.path(), &["--export", &format!("name=d,path={img},bitmap=keep")]);
+    let srv = Server::start(
+        dir.path(),
+        &["--export", &format!("name=d,path={img},bitmap=keep")],
+    );
     srv.ctl_ok(&["bitmap", "add", "d", "extra", "--granularity", "4k"]);
     let dup = srv.ctl(&["bitmap", "add", "d", "extra"]);
     assert!(!dup.status.success());
@@ -213,23 +285,38 @@ fn bitmap_commands_and_clean_restart() {
     assert!(!bad.status.success());
     srv.ctl_ok(&["bitmap", "add", "d", "off"]);
     srv.ctl_ok(&["bitmap", "disable", "d", "off"]);
-    run("qemu-io", &["-f", "raw", "-c", "write -P 1 4096 4096", &srv.uri("d")]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 4096 4096", &srv.uri("d")],
+    );
     assert_eq!(srv.dirty_runs("d", "extra"), vec![(4096, 4096)]);
     assert_eq!(srv.dirty_runs("d", "keep"), vec![(0, 65536)]);
-    assert!(srv.dirty_runs("d", "off").is_empty(), "disabled bitmap recorded a write");
+    assert!(
+        srv.dirty_runs("d", "off").is_empty(),
+        "disabled bitmap recorded a write"
+    );
     srv.ctl_ok(&["bitmap", "enable", "d", "off"]);
     srv.ctl_ok(&["bitmap", "clear", "d", "keep"]);
     assert!(srv.dirty_runs("d", "keep").is_empty());
-    run("qemu-io", &["-f", "raw", "-c", "write -P 2 1M 4096", &srv.uri("d")]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 2 1M 4096", &srv.uri("d")],
+    );
     let list = srv.ctl_ok(&["bitmap", "list", "d", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(v[0]["bitmaps"].as_array().unwrap().len(), 3);
     srv.ctl_ok(&["bitmap", "remove", "d", "off"]);
     assert!(srv.stop());
 
-    let srv = Server::start(dir.path(), &["--export", &format!("name=d,path={img},bitmap=keep")]);
+    let srv = Server::start(
+        dir.path(),
+        &["--export", &format!("name=d,path={img},bitmap=keep")],
+    );
     assert_eq!(srv.dirty_runs("d", "keep"), vec![(MIB, 65536)]);
-    assert_eq!(srv.dirty_runs("d", "extra"), vec![(4096, 4096), (MIB, 4096)]);
+    assert_eq!(
+        srv.dirty_runs("d", "extra"),
+        vec![(4096, 4096), (MIB, 4096)]
+    );
     let list = srv.ctl_ok(&["bitmap", "list", "d", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     let bms = v[0]["bitmaps"].as_array().unwrap();
@@ -244,24 +331,42 @@ fn bitmap_commands_and_clean_restart() {
 fn readonly_export_and_startup_errors() {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), "ro.raw", 4 * MIB);
-    let srv = Server::start(dir.path(), &["--export", &format!("name=ro,path={img},readonly")]);
-    let out = run_raw("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &srv.uri("ro")]);
+    let srv = Server::start(
+        dir.path(),
+        &["--export", &format!("name=ro,path={img},readonly")],
+    );
+    let out = run_raw(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 0 4k", &srv.uri("ro")],
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        !out.status.success() || text.contains("denied") || text.contains("read-only") || text.contains("failed"),
+        !out.status.success()
+            || text.contains("denied")
+            || text.contains("read-only")
+            || text.contains("failed"),
         "write to a read-only export succeeded: {text}"
     );
-    run("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0 0 4k", &srv.uri("ro")]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-r", "-c", "read -P 0 0 4k", &srv.uri("ro")],
+    );
 
     let missing = dir.path().join("nope.raw").display().to_string();
     let port = srv.port.to_string();
     for (args, expect) in [
         (
-            vec!["serve", "--listen", "127.0.0.1:0", "--export", &format!("name=x,path={missing}")],
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--export",
+                &format!("name=x,path={missing}"),
+            ],
             "does not exist",
         ),
         (
@@ -276,12 +381,21 @@ fn readonly_export_and_startup_errors() {
             ],
             "in use",
         ),
-        (vec!["serve", "--export", "path=a,bogus=1"], "unknown --export option"),
+        (
+            vec!["serve", "--export", "path=a,bogus=1"],
+            "unknown --export option",
+        ),
     ] {
-        let out = std::process::Command::new(common::bin()).args(&args).output().unwrap();
+        let out = std::process::Command::new(common::bin())
+            .args(&args)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err}"
+        );
     }
     assert!(srv.stop());
 }

@@ -47,7 +47,9 @@ impl Client {
         };
         let mut line = serde_json::to_vec(&req)?;
         line.push(b'\n');
-        self.writer.write_all(&line).context("sending to the control socket")?;
+        self.writer
+            .write_all(&line)
+            .context("sending to the control socket")?;
         let mut buf = String::new();
         let n = (&mut self.reader)
             .take(MAX_LINE as u64 + 1)

@@ -94,7 +94,10 @@ fn serve_conn(conn: UnixStream, handler: &dyn Handler) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
+        match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
             Ok(0) => return,
             Ok(_) if line.len() > MAX_LINE => {
                 let _ = write_response(
@@ -114,7 +117,9 @@ fn serve_conn(conn: UnixStream, handler: &dyn Handler) {
             Err(e) => Response::err(
                 0,
                 "bad_request",
-                format!("malformed request: {e}; send one JSON object per line, see docs/control-api.md"),
+                format!(
+                    "malformed request: {e}; send one JSON object per line, see docs/control-api.md"
+                ),
             ),
         };
         if write_response(&mut writer, &resp).is_err() {

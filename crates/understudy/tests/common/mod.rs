@@ -1,7 +1,7 @@
 //! Helpers for tests that run the real `understudy` binary and real NBD
 //! clients. External tools are required: a missing tool fails the test
 //! (the test command installs them).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -37,10 +37,9 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 
 /// Run an external tool and return its output whatever the status.
 pub fn run_raw(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (is it installed? run scripts/install-deps.sh): {e}"))
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd} (is it installed? run scripts/install-deps.sh): {e}")
+    })
 }
 
 /// A running `understudy serve`.

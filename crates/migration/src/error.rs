@@ -1,0 +1,204 @@
+//! Errors: one variant per failed operation, causes chained.
+
+use std::io;
+use std::path::PathBuf;
+
+use understudy_bitmap::StoreError;
+use understudy_block::BlockError;
+use understudy_peer::PeerError;
+
+use crate::wire::WireError;
+
+/// Errors of the ownership record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Reading the record failed.
+    #[error("cannot read the ownership record {path}: check its permissions")]
+    Read {
+        /// Record path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the record failed.
+    #[error("cannot write the ownership record {path}: check free space and permissions")]
+    Write {
+        /// Record path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The record is damaged.
+    #[error(
+        "the ownership record {path} is damaged ({reason}): restore it from the other host's \
+         copy of the disk or, if this copy is known to be the only one, delete it"
+    )]
+    Corrupt {
+        /// Record path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The image was handed over to another host.
+    #[error(
+        "image {image} was handed over to node {to} at generation {generation} and is no longer \
+         the owner: serve the disk from that node, or migrate it back here with `understudy \
+         migrate NAME --to THIS-HOST` run against that node"
+    )]
+    HandedOver {
+        /// Image.
+        image: PathBuf,
+        /// New owner.
+        to: String,
+        /// Generation of the handover.
+        generation: u64,
+    },
+    /// A handover was in progress when this process stopped.
+    #[error(
+        "image {image} was being handed over to node {to} when this server stopped, and the \
+         outcome is unknown: if node {to} serves the disk, it is the owner; if it does not (or \
+         has not committed), delete {image}.owner's handover by re-running the migration, or \
+         remove the .owner file to take ownership back"
+    )]
+    InDoubt {
+        /// Image.
+        image: PathBuf,
+        /// Target node.
+        to: String,
+    },
+    /// The image is a partial copy being received.
+    #[error(
+        "image {image} is a partial copy still being received from node {from}: retry the \
+         migration on that node to finish it"
+    )]
+    Partial {
+        /// Image.
+        image: PathBuf,
+        /// Source node.
+        from: String,
+    },
+}
+
+/// Errors of a migration, on the source side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Connecting or authenticating to the target failed.
+    #[error("cannot open a peer link to {addr}")]
+    Connect {
+        /// Target address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: PeerError,
+    },
+    /// Sending to the target failed.
+    #[error("sending to the target failed: the link broke; retry resumes where it stopped")]
+    Send {
+        /// Cause.
+        #[source]
+        source: PeerError,
+    },
+    /// Receiving from the target failed.
+    #[error("the link to the target broke; retry resumes where it stopped")]
+    Recv {
+        /// Cause.
+        #[source]
+        source: PeerError,
+    },
+    /// The target refused the migration.
+    #[error("the target refused the migration: {message}")]
+    Refused {
+        /// The target's explanation.
+        message: String,
+    },
+    /// The target failed a request.
+    #[error("the target failed to {op}: {message}")]
+    Target {
+        /// What was asked.
+        op: &'static str,
+        /// Reply code.
+        code: u32,
+        /// The target's explanation.
+        message: String,
+    },
+    /// The target sent something that breaks the protocol.
+    #[error("the target broke the migration protocol: {reason}")]
+    Protocol {
+        /// What was wrong.
+        reason: String,
+    },
+    /// A message could not be decoded or encoded.
+    #[error("bad migration message")]
+    Wire {
+        /// Cause.
+        #[source]
+        source: WireError,
+    },
+    /// Reading the source disk failed.
+    #[error("reading the source disk failed; the migration stopped and the source keeps serving")]
+    Read {
+        /// Cause.
+        #[source]
+        source: BlockError,
+    },
+    /// The migration bitmap could not be set up.
+    #[error("cannot set up the migration bitmap")]
+    Bitmap {
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
+    /// The ownership record could not be updated.
+    #[error("cannot update the ownership record")]
+    Record {
+        /// Cause.
+        #[source]
+        source: RecordError,
+    },
+    /// In-flight I/O did not drain in time.
+    #[error(
+        "in-flight I/O did not drain within {ms} ms at switch-over; the source keeps serving, \
+         retry later or raise the drain limit"
+    )]
+    DrainTimeout {
+        /// Limit.
+        ms: u64,
+    },
+    /// The migration was cancelled.
+    #[error("the migration was cancelled; the source keeps serving and a retry resumes")]
+    Cancelled,
+    /// The export cannot be migrated.
+    #[error("export {name} cannot be migrated: {reason}")]
+    NotMigratable {
+        /// Export.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Verification found differences.
+    #[error(
+        "verification found {mismatched} blocks that differ between source and target: the \
+         target is the owner now; inspect it (both copies are kept)"
+    )]
+    VerifyMismatch {
+        /// Blocks that differ.
+        mismatched: u64,
+    },
+}
+
+impl MigrationError {
+    /// Whether retrying with the same settings may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            MigrationError::Connect { source, .. } => !source.is_handshake_rejection(),
+            MigrationError::Send { .. }
+            | MigrationError::Recv { .. }
+            | MigrationError::DrainTimeout { .. }
+            | MigrationError::Cancelled => true,
+            MigrationError::Target { code, .. } => *code == crate::wire::code::NO_SPACE,
+            _ => false,
+        }
+    }
+}

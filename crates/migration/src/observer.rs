@@ -1,0 +1,141 @@
+//! The migration's write observer, installed in the source's block filter
+//! for the duration of a migration.
+//!
+//! * Copy mode: every write marks the in-memory `pending` bitmap (what the
+//!   target lacks, precisely, for this session).
+//! * Mirror mode: every data write is sent to the target and acknowledged by
+//!   it before the guest's write is acknowledged, under a range lock shared
+//!   with the background copy, so a background extent and a guest write of
+//!   the same range reach the target in the order they hit the source disk.
+//!   Write-zeroes and discards, and any mirrored write that fails, are marked
+//!   in `pending` instead (the copy loop sends them).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use understudy_bitmap::DirtyBitmap;
+use understudy_block::BlockError;
+use understudy_filter::{ObserverError, WriteKind, WriteObserver, WriteOp, WriteToken};
+
+use crate::conn::Conn;
+use crate::wire::{self, Msg};
+
+/// Byte-range locks (few holders at a time: a linear scan is fine).
+#[derive(Debug, Default)]
+pub struct RangeLock {
+    held: Mutex<Vec<(u64, u64, u64)>>,
+    cv: Condvar,
+    next: AtomicU64,
+}
+
+impl RangeLock {
+    /// Lock `[offset, offset + len)`; returns the id to unlock with.
+    pub fn lock(&self, offset: u64, len: u64) -> u64 {
+        let end = offset.saturating_add(len.max(1));
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut h = self.held.lock();
+        while h.iter().any(|&(s, e, _)| s < end && offset < e) {
+            self.cv.wait(&mut h);
+        }
+        h.push((offset, end, id));
+        id
+    }
+
+    /// Unlock.
+    pub fn unlock(&self, id: u64) {
+        let mut h = self.held.lock();
+        h.retain(|&(_, _, i)| i != id);
+        drop(h);
+        self.cv.notify_all();
+    }
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct MigrationObserver {
+    pending: Arc<DirtyBitmap>,
+    mirror: RwLock<Option<Arc<Conn>>>,
+    /// Shared with the copy loop.
+    pub locks: RangeLock,
+    mirror_failed: AtomicBool,
+    mirrored_bytes: AtomicU64,
+}
+
+impl MigrationObserver {
+    /// An observer marking `pending`.
+    pub fn new(pending: Arc<DirtyBitmap>) -> Self {
+        Self {
+            pending,
+            mirror: RwLock::new(None),
+            locks: RangeLock::default(),
+            mirror_failed: AtomicBool::new(false),
+            mirrored_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The pending bitmap.
+    pub fn pending(&self) -> &Arc<DirtyBitmap> {
+        &self.pending
+    }
+
+    /// Start (Some) or stop (None) mirroring guest writes.
+    pub fn set_mirror(&self, conn: Option<Arc<Conn>>) {
+        *self.mirror.write() = conn;
+    }
+
+    /// Whether guest writes are mirrored.
+    pub fn is_mirroring(&self) -> bool {
+        self.mirror.read().is_some()
+    }
+
+    /// Whether a mirrored write failed (the link is probably gone).
+    pub fn mirror_failed(&self) -> bool {
+        self.mirror_failed.load(Ordering::SeqCst)
+    }
+
+    /// Guest bytes mirrored so far.
+    pub fn mirrored_bytes(&self) -> u64 {
+        self.mirrored_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl WriteObserver for MigrationObserver {
+    fn before_write(&self, op: &WriteOp<'_>) -> Result<WriteToken, ObserverError> {
+        if self.is_mirroring() && matches!(op.kind, WriteKind::Data(_)) {
+            return Ok(WriteToken::new(self.locks.lock(op.offset, op.len)));
+        }
+        Ok(WriteToken::new(0))
+    }
+
+    fn after_write(&self, op: &WriteOp<'_>, token: WriteToken, outcome: Result<(), &BlockError>) {
+        let lock = token.get();
+        let mut sent = false;
+        if lock != 0 {
+            let conn = self.mirror.read().clone();
+            if let (Some(conn), Ok(()), WriteKind::Data(data)) = (conn, outcome, op.kind) {
+                sent = data.chunks(wire::MAX_DATA).enumerate().all(|(i, chunk)| {
+                    let m = Msg::Mirror {
+                        id: conn.next_id(),
+                        offset: op.offset + (i * wire::MAX_DATA) as u64,
+                        hash: wire::extent_hash(chunk),
+                        data: chunk,
+                    };
+                    conn.request_borrowed("apply a mirrored write", m).is_ok()
+                });
+                if sent {
+                    self.mirrored_bytes.fetch_add(op.len, Ordering::Relaxed);
+                } else {
+                    self.mirror_failed.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        if !sent {
+            // Marked even when the local write failed: it may be partial.
+            self.pending.mark(op.offset, op.len);
+        }
+        if lock != 0 {
+            self.locks.unlock(lock);
+        }
+    }
+}

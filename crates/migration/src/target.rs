@@ -1,0 +1,822 @@
+//! The target side: accept migration links, receive disks into a
+//! directory, take ownership on commit, then serve the source's forwarded
+//! requests until it closes the link.
+//!
+//! ```text
+//! Hello ─▶ decide start (fresh / resume / incremental / hash-resync) ─▶ Welcome (+ Have)
+//!   ─▶ Receiving: Data/Zero/Mirror written, Flush = durable + record progress
+//!   ─▶ Commit: durable, record Owner(g+1), enable the peer bitmap, serve ─▶ Forwarding
+//! link lost or Abort before Commit: keep the partial image and its progress (Receiving)
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use understudy_bitmap::{BitmapStore, Persister, StoreOptions};
+use understudy_block::{
+    BlockError, Disk, DiskRead, DiskSize, DiskWrite, ErrorKind, Format, OpenOptions, WriteOpts,
+    ZeroOpts, open_disk, qcow2::Qcow2Disk, raw::RawDisk,
+};
+use understudy_filter::FilterDisk;
+use understudy_peer::{Link, PeerConfig, PeerError, PeerListener};
+
+use crate::record::{self, OwnerRecord, OwnerState, PeerRecord};
+use crate::source::{PURPOSE, RECEIVED_BITMAP, SourceExport, peer_bitmap_name};
+use crate::switch::{Route, SwitchDisk};
+use crate::wire::{self, Msg, Start, Welcome, code, flags};
+
+/// Wraps a freshly opened target disk (tests inject faults with it).
+pub type DiskWrapper = Arc<dyn Fn(Arc<dyn Disk>) -> Arc<dyn Disk> + Send + Sync>;
+
+/// Settings of the receiving side.
+#[derive(Clone)]
+pub struct TargetConfig {
+    /// Directory received images are created in (`NAME.img`). No default.
+    pub dir: PathBuf,
+    /// Peer link settings. No default.
+    pub peer: PeerConfig,
+    /// Bitmap store options for received images. Default: the store's.
+    pub store: StoreOptions,
+    /// How often the bitmaps of served received images are persisted.
+    /// Default: 5 s.
+    pub persist_interval: std::time::Duration,
+    /// Fault injection for tests. Default: none.
+    pub disk_wrapper: Option<DiskWrapper>,
+}
+
+impl fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("dir", &self.dir)
+            .field("node_id", &self.peer.node_id)
+            .finish()
+    }
+}
+
+impl TargetConfig {
+    /// Defaults for receiving into `dir`.
+    pub fn new(dir: impl Into<PathBuf>, peer: PeerConfig) -> Self {
+        Self {
+            dir: dir.into(),
+            peer,
+            store: StoreOptions::default(),
+            persist_interval: std::time::Duration::from_secs(5),
+            disk_wrapper: None,
+        }
+    }
+}
+
+/// How the daemon takes part.
+pub trait TargetHooks: Send + Sync {
+    /// An export of this name this node has open although it does not own
+    /// it (handed over earlier): the candidate for an incremental return.
+    fn open_copy(&self, name: &str) -> Option<SourceExport>;
+    /// This node owns `export` now: offer it to clients (and to later
+    /// migrations). `persister` persists its bitmaps; keep it running.
+    fn serve(&self, export: SourceExport, persister: Option<Persister>);
+}
+
+/// The accept loop.
+pub struct TargetService {
+    addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for TargetService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetService")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl TargetService {
+    /// Listen on `addr` and receive migrations in `cfg.dir`.
+    pub fn start(
+        addr: &str,
+        cfg: TargetConfig,
+        hooks: Arc<dyn TargetHooks>,
+    ) -> Result<TargetService, PeerError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| PeerError::Bind {
+            addr: cfg.dir.display().to_string(),
+            source,
+        })?;
+        let listener = PeerListener::bind(addr, &cfg.peer)?;
+        let local = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let thread = std::thread::Builder::new()
+            .name("migrate-accept".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::SeqCst) {
+                    let stream = match listener.accept_stream() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("peer accept failed: {e}");
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let (cfg, hooks, busy) = (cfg.clone(), hooks.clone(), busy.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("migrate-recv".into())
+                        .spawn(move || match Link::accept(stream, &cfg.peer) {
+                            Ok(link) => {
+                                if link.peer().purpose != PURPOSE {
+                                    let _ = link.send_error(
+                                        understudy_peer::error_code::UNSUPPORTED,
+                                        "this listener serves migrations only (purpose \"migrate\")",
+                                    );
+                                    return;
+                                }
+                                if let Err(e) = receive(link, &cfg, &*hooks, &busy) {
+                                    tracing::warn!("incoming migration failed: {e}");
+                                }
+                            }
+                            Err(e) => tracing::warn!("peer handshake refused: {e}"),
+                        });
+                }
+            })
+            .map_err(|source| PeerError::Socket { source })?;
+        Ok(TargetService {
+            addr: local,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address to migrate to.
+    pub fn local_addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Stop accepting (sessions in progress run on).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(a) = self.addr.strip_prefix("unix:") {
+            let _ = std::os::unix::net::UnixStream::connect(a);
+        } else {
+            let _ = std::net::TcpStream::connect(&self.addr);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why a receive session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The source was refused (reason sent to it too).
+    #[error("refused a migration: {0}")]
+    Refused(String),
+    /// The link failed.
+    #[error("the migration link failed")]
+    Link {
+        /// Cause.
+        #[source]
+        source: PeerError,
+    },
+    /// The source broke the protocol.
+    #[error("the source broke the migration protocol: {0}")]
+    Protocol(String),
+    /// Preparing the image failed.
+    #[error("cannot prepare the target image {path}")]
+    Image {
+        /// Image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: BlockError,
+    },
+    /// The source aborted.
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && !n.starts_with('.')
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn refuse(link: &Link, msg: String) -> TargetError {
+    let _ = link.send_error(understudy_peer::error_code::REFUSED, &msg);
+    TargetError::Refused(msg)
+}
+
+/// Mark only the granules wholly inside `[off, off+len)` (claiming a
+/// partly received granule would make a resume skip data).
+fn mark_inner(b: &understudy_bitmap::DirtyBitmap, off: u64, len: u64) {
+    let g = b.granularity();
+    let s = off.div_ceil(g) * g;
+    let end = off + len;
+    let e = if end == b.size() { end } else { end / g * g };
+    if e > s {
+        b.mark(s, e - s);
+    }
+}
+
+struct Receiving {
+    export: SourceExport,
+    rec: OwnerRecord,
+    persister: Option<Persister>,
+    /// Opened by this session (closed again if it does not commit).
+    owned_here: bool,
+    unflushed: Vec<(u64, u64)>,
+    sticky: Option<(u32, String)>,
+    committed: bool,
+    source_node: String,
+}
+
+fn reply_code(e: &BlockError) -> u32 {
+    match e.kind() {
+        ErrorKind::NoSpace => code::NO_SPACE,
+        ErrorKind::OutOfBounds | ErrorKind::Invalid => code::INVALID,
+        ErrorKind::NotSupported => code::NOT_SUPPORTED,
+        _ => code::IO,
+    }
+}
+
+fn block_msg(e: &BlockError) -> String {
+    let mut s = crate::source::error_chain(e);
+    if e.kind() == ErrorKind::NoSpace {
+        s.push_str(": the target's disk is full; free space there and retry");
+    }
+    s
+}
+
+fn open_image(
+    path: &std::path::Path,
+    format: Format,
+    size: u64,
+    create: bool,
+    cfg: &TargetConfig,
+    name: &str,
+) -> Result<(SourceExport, Persister), TargetError> {
+    let img_err = |source| TargetError::Image {
+        path: path.to_owned(),
+        source,
+    };
+    let inner: Arc<dyn Disk> = if create {
+        // Remove a stale partial attempt and its sidecars first.
+        for suffix in ["", ".bitmaps", ".bitmaps-intent", ".bitmaps.tmp"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(PathBuf::from(p));
+        }
+        match format {
+            Format::Raw => Arc::new(RawDisk::create(path, size).map_err(img_err)?),
+            Format::Qcow2 => Arc::new(Qcow2Disk::create(path, size, None).map_err(img_err)?),
+        }
+    } else {
+        open_disk(&OpenOptions {
+            path: path.to_owned(),
+            format: Some(format),
+            read_only: false,
+        })
+        .map_err(img_err)?
+    };
+    if inner.size() != size {
+        return Err(TargetError::Refused(format!(
+            "{} has {} bytes but the source disk has {size}",
+            path.display(),
+            inner.size()
+        )));
+    }
+    let inner = match &cfg.disk_wrapper {
+        Some(w) => w(inner),
+        None => inner,
+    };
+    let store =
+        BitmapStore::open(path, size, cfg.store.clone()).map_err(|e| TargetError::Image {
+            path: path.to_owned(),
+            source: BlockError::Backend {
+                op: "open bitmaps",
+                reason: crate::source::error_chain(&e),
+            },
+        })?;
+    let store = Arc::new(store);
+    let persister =
+        store
+            .spawn_persister(cfg.persist_interval)
+            .map_err(|e| TargetError::Image {
+                path: path.to_owned(),
+                source: BlockError::Backend {
+                    op: "start the bitmap persister",
+                    reason: e.to_string(),
+                },
+            })?;
+    let filter = Arc::new(FilterDisk::new(inner, store.clone()));
+    let switch = Arc::new(SwitchDisk::new(filter.clone()));
+    Ok((
+        SourceExport {
+            name: name.to_owned(),
+            image: path.to_owned(),
+            format,
+            switch,
+            filter,
+            store,
+        },
+        persister,
+    ))
+}
+
+/// Run one incoming migration session on `link`.
+pub fn receive(
+    mut link: Link,
+    cfg: &TargetConfig,
+    hooks: &dyn TargetHooks,
+    busy: &Mutex<HashSet<String>>,
+) -> Result<(), TargetError> {
+    let source_node = link.peer().node_id.clone();
+    let f = link.recv().map_err(|source| TargetError::Link { source })?;
+    let hello = match Msg::decode(f.msg_type, &f.payload) {
+        Ok(Msg::Hello(h)) => h,
+        Ok(other) => {
+            return Err(refuse(
+                &link,
+                format!("expected Hello first, got {:?}", other.msg_type()),
+            ));
+        }
+        Err(e) => return Err(refuse(&link, e.to_string())),
+    };
+    let version =
+        wire::negotiate(hello.min_version, hello.max_version).map_err(|m| refuse(&link, m))?;
+    if !valid_name(&hello.name) {
+        return Err(refuse(
+            &link,
+            format!(
+                "export name {:?} cannot be a file name here: use letters, digits, '.', '_' and '-'",
+                hello.name
+            ),
+        ));
+    }
+    if !busy.lock().insert(hello.name.clone()) {
+        return Err(refuse(
+            &link,
+            format!(
+                "a migration of {} is already being received here; wait for it to end",
+                hello.name
+            ),
+        ));
+    }
+    struct Unbusy<'a>(&'a Mutex<HashSet<String>>, String);
+    impl Drop for Unbusy<'_> {
+        fn drop(&mut self) {
+            self.0.lock().remove(&self.1);
+        }
+    }
+    let _unbusy = Unbusy(busy, hello.name.clone());
+    let format = if hello.format == 1 {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    };
+    let mig_hex = record::id_hex(&hello.migration_id);
+    let disk_hex = record::id_hex(&hello.disk_id);
+    let path = cfg.dir.join(format!("{}.img", hello.name));
+
+    // Decide how to start.
+    let existing_open = hooks.open_copy(&hello.name);
+    let existing_path = existing_open
+        .as_ref()
+        .map(|e| e.image.clone())
+        .or_else(|| path.exists().then(|| path.clone()));
+    let (start, rec, export, persister, owned_here) = match existing_path {
+        None => {
+            let (export, persister) = open_image(&path, format, hello.size, true, cfg, &hello.name)
+                .map_err(|e| refuse(&link, e.to_string()))?;
+            (Start::Fresh, None, export, Some(persister), true)
+        }
+        Some(p) => {
+            let rec = record::load(&p)
+                .map_err(|e| refuse(&link, crate::source::error_chain(&e)))?
+                .ok_or_else(|| {
+                    refuse(
+                        &link,
+                        format!(
+                            "{} exists here without an ownership record: move it away or pick \
+                             another export name",
+                            p.display()
+                        ),
+                    )
+                })?;
+            if rec.disk_id != disk_hex {
+                return Err(refuse(
+                    &link,
+                    format!(
+                        "this node holds a different disk named {} ({}): remove it or rename the export",
+                        hello.name,
+                        p.display()
+                    ),
+                ));
+            }
+            let incremental_ok =
+                hello.base_generation != 0 && hello.base_generation == rec.generation;
+            let start = match &rec.state {
+                OwnerState::Owner { .. } => {
+                    return Err(refuse(
+                        &link,
+                        format!(
+                            "this node owns {} at generation {}: two owners are not allowed; \
+                             migrate it from here instead",
+                            hello.name, rec.generation
+                        ),
+                    ));
+                }
+                OwnerState::Handing { .. } => {
+                    return Err(refuse(
+                        &link,
+                        format!(
+                            "this node's copy of {} is in doubt (a handover did not finish): \
+                             resolve it first (docs/migration.md)",
+                            hello.name
+                        ),
+                    ));
+                }
+                OwnerState::Receiving { migration_id, .. }
+                    if *migration_id == mig_hex && (rec.peers.is_empty() || incremental_ok) =>
+                {
+                    Start::Resume
+                }
+                _ if incremental_ok => Start::Incremental,
+                _ => Start::HashResync,
+            };
+            let (export, persister, owned_here) = match existing_open {
+                Some(e) => (e, None, false),
+                None => {
+                    let (e, p) = open_image(&p, format, hello.size, false, cfg, &hello.name)
+                        .map_err(|e| refuse(&link, e.to_string()))?;
+                    (e, Some(p), true)
+                }
+            };
+            (start, Some(rec), export, persister, owned_here)
+        }
+    };
+    let store = export.store.clone();
+    // Progress record: kept across attempts of the same migration only.
+    let prepared = (|| -> Result<(), String> {
+        if start != Start::Resume {
+            if store.get(RECEIVED_BITMAP).is_some() {
+                store.clear(RECEIVED_BITMAP).map_err(|e| e.to_string())?;
+            } else {
+                store
+                    .add(RECEIVED_BITMAP, hello.granularity as u64)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        // Marked by hand after each flush, never by the filter.
+        store.disable(RECEIVED_BITMAP).map_err(|e| e.to_string())?;
+        Ok(())
+    })();
+    if let Err(e) = prepared {
+        return Err(refuse(&link, format!("cannot record progress: {e}")));
+    }
+    let mut rec = rec.unwrap_or(OwnerRecord {
+        disk_id: disk_hex.clone(),
+        generation: hello.generation,
+        state: OwnerState::Owner { migrating: None },
+        name: hello.name.clone(),
+        peers: Vec::new(),
+    });
+    rec.state = OwnerState::Receiving {
+        from: source_node.clone(),
+        migration_id: mig_hex.clone(),
+    };
+    if let Err(e) = record::store(&export.image, &rec) {
+        return Err(refuse(&link, crate::source::error_chain(&e)));
+    }
+    let (t, b) = Msg::Welcome(Welcome { version, start })
+        .to_vec()
+        .map_err(|e| TargetError::Protocol(e.to_string()))?;
+    link.send(t, &b)
+        .map_err(|source| TargetError::Link { source })?;
+    if start == Start::Resume {
+        let have: Vec<(u64, u64)> = store
+            .get(RECEIVED_BITMAP)
+            .map(|b| b.dirty_ranges().collect())
+            .unwrap_or_default();
+        let mut chunks = have.chunks(wire::MAX_RANGES).peekable();
+        if chunks.peek().is_none() {
+            let (t, b) = Msg::Have {
+                ranges: Vec::new(),
+                last: true,
+            }
+            .to_vec()
+            .map_err(|e| TargetError::Protocol(e.to_string()))?;
+            link.send(t, &b)
+                .map_err(|source| TargetError::Link { source })?;
+        }
+        while let Some(c) = chunks.next() {
+            let (t, b) = Msg::Have {
+                ranges: c.to_vec(),
+                last: chunks.peek().is_none(),
+            }
+            .to_vec()
+            .map_err(|e| TargetError::Protocol(e.to_string()))?;
+            link.send(t, &b)
+                .map_err(|source| TargetError::Link { source })?;
+        }
+    }
+    tracing::info!(export = %hello.name, from = %source_node, %start, "receiving a migration");
+
+    let mut r = Receiving {
+        export,
+        rec,
+        persister,
+        owned_here,
+        unflushed: Vec::new(),
+        sticky: None,
+        committed: false,
+        source_node,
+    };
+    let result = session_loop(&mut link, &mut r, hooks);
+    if !r.committed && r.owned_here {
+        if let Some(p) = r.persister.take() {
+            p.stop();
+        }
+        let _ = r.export.filter.flush();
+        let _ = r.export.store.close();
+    }
+    result
+}
+
+fn reply(link: &Link, id: u64, c: u32, body: &[u8]) -> Result<(), TargetError> {
+    let (t, h, tail) = Msg::Reply { id, code: c, body }
+        .encode()
+        .map_err(|e| TargetError::Protocol(e.to_string()))?;
+    link.send_parts(t, &[&h, tail])
+        .map_err(|source| TargetError::Link { source })
+}
+
+fn session_loop(
+    link: &mut Link,
+    r: &mut Receiving,
+    hooks: &dyn TargetHooks,
+) -> Result<(), TargetError> {
+    let mut buf = Vec::new();
+    let mut rbuf = Vec::new();
+    let size = r.export.filter.size();
+    loop {
+        let t = match link.recv_into(&mut buf) {
+            Ok(t) => t,
+            Err(e) if e.is_clean_close() || matches!(e, PeerError::Disconnected) => {
+                tracing::info!(export = %r.export.name, committed = r.committed, "migration link closed");
+                return Ok(());
+            }
+            Err(source) => return Err(TargetError::Link { source }),
+        };
+        let msg = Msg::decode(t, &buf).map_err(|e| {
+            let _ = link.send_error(understudy_peer::error_code::PROTOCOL, &e.to_string());
+            TargetError::Protocol(e.to_string())
+        })?;
+        let in_range = |o: u64, l: u64| o.checked_add(l).is_some_and(|e| e <= size);
+        match msg {
+            Msg::Data { offset, hash, data }
+            | Msg::Mirror {
+                offset, hash, data, ..
+            } if !in_range(offset, data.len() as u64) || wire::extent_hash(data) != hash => {
+                let m = if in_range(offset, data.len() as u64) {
+                    format!(
+                        "checksum mismatch in the extent at offset {offset}: data was corrupted in transit"
+                    )
+                } else {
+                    format!("extent at offset {offset} is outside the {size}-byte disk")
+                };
+                let _ = link.send_error(understudy_peer::error_code::PROTOCOL, &m);
+                return Err(TargetError::Protocol(m));
+            }
+            Msg::Data { offset, data, .. } if !r.committed => {
+                match r.export.filter.write_at(data, offset, WriteOpts::default()) {
+                    Ok(()) => r.unflushed.push((offset, data.len() as u64)),
+                    Err(e) => {
+                        r.sticky.get_or_insert((reply_code(&e), block_msg(&e)));
+                    }
+                }
+            }
+            Msg::Zero { offset, len } if !r.committed && in_range(offset, len) => {
+                let z = ZeroOpts {
+                    may_unmap: true,
+                    ..ZeroOpts::default()
+                };
+                match r.export.filter.write_zeroes(offset, len, z) {
+                    Ok(()) => r.unflushed.push((offset, len)),
+                    Err(e) => {
+                        r.sticky.get_or_insert((reply_code(&e), block_msg(&e)));
+                    }
+                }
+            }
+            Msg::Mirror {
+                id, offset, data, ..
+            } if !r.committed => {
+                let res = match &r.sticky {
+                    Some((c, m)) => Err((*c, m.clone())),
+                    None => r
+                        .export
+                        .filter
+                        .write_at(data, offset, WriteOpts::default())
+                        .map_err(|e| (reply_code(&e), block_msg(&e))),
+                };
+                match res {
+                    Ok(()) => reply(link, id, code::OK, &[])?,
+                    Err((c, m)) => {
+                        r.sticky.get_or_insert((c, m.clone()));
+                        reply(link, id, c, m.as_bytes())?
+                    }
+                }
+            }
+            Msg::Flush { id } if !r.committed => {
+                let res = flush_progress(r);
+                match res {
+                    Ok(()) => reply(link, id, code::OK, &[])?,
+                    Err((c, m)) => reply(link, id, c, m.as_bytes())?,
+                }
+            }
+            Msg::Commit { id, generation } if !r.committed => match commit(r, generation, hooks) {
+                Ok(()) => reply(link, id, code::OK, &[])?,
+                Err((c, m)) => reply(link, id, c, m.as_bytes())?,
+            },
+            Msg::HashReq {
+                id,
+                offset,
+                len,
+                block,
+            } => {
+                if !in_range(offset, len) {
+                    reply(link, id, code::INVALID, b"range outside the disk")?;
+                    continue;
+                }
+                match hash_blocks(r, offset, len, block as u64, &mut rbuf) {
+                    Ok(body) => reply(link, id, code::OK, &body)?,
+                    Err(e) => reply(link, id, reply_code(&e), block_msg(&e).as_bytes())?,
+                }
+            }
+            Msg::Abort { reason } => {
+                tracing::warn!(export = %r.export.name, %reason, "the source aborted the migration; the partial copy is kept for a retry");
+                return Err(TargetError::Aborted(reason));
+            }
+            Msg::FwdRead { id, offset, len } if r.committed => {
+                rbuf.resize(len as usize, 0);
+                match r.export.switch.read_at(&mut rbuf, offset) {
+                    Ok(()) => reply(link, id, code::OK, &rbuf)?,
+                    Err(e) => reply(link, id, reply_code(&e), block_msg(&e).as_bytes())?,
+                }
+            }
+            Msg::FwdWrite {
+                id,
+                offset,
+                flags: f,
+                data,
+            } if r.committed => {
+                let res = r.export.switch.write_at(data, offset, wopts(f));
+                fwd_reply(link, id, res)?;
+            }
+            Msg::FwdZero {
+                id,
+                offset,
+                len,
+                flags: f,
+            } if r.committed => {
+                let z = ZeroOpts {
+                    write: wopts(f),
+                    may_unmap: f & flags::MAY_UNMAP != 0,
+                    fast_only: f & flags::FAST_ONLY != 0,
+                };
+                let res = r.export.switch.write_zeroes(offset, len, z);
+                fwd_reply(link, id, res)?;
+            }
+            Msg::FwdDiscard {
+                id,
+                offset,
+                len,
+                flags: f,
+            } if r.committed => {
+                let res = r.export.switch.discard(offset, len, wopts(f));
+                fwd_reply(link, id, res)?;
+            }
+            Msg::FwdFlush { id } if r.committed => {
+                let res = r.export.switch.flush();
+                fwd_reply(link, id, res)?;
+            }
+            other => {
+                let m = format!(
+                    "{:?} is not allowed {} the commit",
+                    other.msg_type(),
+                    if r.committed { "after" } else { "before" }
+                );
+                let _ = link.send_error(understudy_peer::error_code::PROTOCOL, &m);
+                return Err(TargetError::Protocol(m));
+            }
+        }
+    }
+}
+
+fn wopts(f: u8) -> WriteOpts {
+    WriteOpts {
+        fua: f & flags::FUA != 0,
+        epoch: 0,
+    }
+}
+
+fn fwd_reply(link: &Link, id: u64, res: Result<(), BlockError>) -> Result<(), TargetError> {
+    match res {
+        Ok(()) => reply(link, id, code::OK, &[]),
+        Err(e) => reply(link, id, reply_code(&e), block_msg(&e).as_bytes()),
+    }
+}
+
+fn flush_progress(r: &mut Receiving) -> Result<(), (u32, String)> {
+    if let Some(s) = &r.sticky {
+        return Err(s.clone());
+    }
+    r.export
+        .filter
+        .flush()
+        .map_err(|e| (reply_code(&e), block_msg(&e)))?;
+    if let Some(b) = r.export.store.get(RECEIVED_BITMAP) {
+        for (o, l) in r.unflushed.drain(..) {
+            mark_inner(&b, o, l);
+        }
+    }
+    r.export
+        .store
+        .persist()
+        .map_err(|e| (code::IO, crate::source::error_chain(&e)))
+}
+
+fn commit(
+    r: &mut Receiving,
+    generation: u64,
+    hooks: &dyn TargetHooks,
+) -> Result<(), (u32, String)> {
+    flush_progress(r)?;
+    let store = &r.export.store;
+    let io = |e: &dyn std::error::Error| (code::IO, crate::source::error_chain(e));
+    let peer_bm = peer_bitmap_name(&r.source_node);
+    if store.get(&peer_bm).is_some() {
+        store.clear(&peer_bm).map_err(|e| io(&e))?;
+        store.enable(&peer_bm).map_err(|e| io(&e))?;
+    } else {
+        store
+            .add(&peer_bm, understudy_bitmap::DEFAULT_GRANULARITY)
+            .map_err(|e| io(&e))?;
+    }
+    if store.get(RECEIVED_BITMAP).is_some() {
+        store.remove(RECEIVED_BITMAP).map_err(|e| io(&e))?;
+    }
+    r.rec.generation = generation;
+    r.rec.state = OwnerState::Owner { migrating: None };
+    r.rec.name = r.export.name.clone();
+    r.rec.set_peer(PeerRecord {
+        node: r.source_node.clone(),
+        generation,
+        bitmap: Some(peer_bm),
+    });
+    // The commit point: from here this node is the owner.
+    record::store(&r.export.image, &r.rec).map_err(|e| io(&e))?;
+    r.committed = true;
+    r.export.switch.set_route(Route::Local);
+    hooks.serve(r.export.clone(), r.persister.take());
+    tracing::info!(export = %r.export.name, generation, from = %r.source_node, "took ownership");
+    Ok(())
+}
+
+fn hash_blocks(
+    r: &Receiving,
+    offset: u64,
+    len: u64,
+    block: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<u8>, BlockError> {
+    let peer_bm = r
+        .committed
+        .then(|| r.export.store.get(&peer_bitmap_name(&r.source_node)))
+        .flatten();
+    buf.resize(block as usize, 0);
+    let mut out = Vec::with_capacity(len.div_ceil(block) as usize);
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = block.min(offset + len - pos) as usize;
+        r.export.filter.read_at(&mut buf[..n], pos)?;
+        let changed = peer_bm.as_ref().is_some_and(|b| b.is_dirty(pos));
+        out.push((
+            wire::extent_hash(&buf[..n]),
+            if changed { flags::CHANGED } else { 0 },
+        ));
+        pos += n as u64;
+    }
+    Ok(wire::encode_hashes(&out))
+}
