@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         flags: u16::from_be_bytes([rest[8], rest[9]]),
         structured: rest[10] & 1 != 0,
         has_meta_contexts: rest[10] & 2 != 0,
+        order: rest[10] & 4 != 0,
     };
     for h in [hdr, &fixed] {
         let Ok(req) = Request::parse(h) else { continue };
@@ -37,6 +38,13 @@ fuzz_target!(|data: &[u8]| {
             | Op::Cache { offset, len }
             | Op::WriteZeroes { offset, len, .. }
             | Op::BlockStatus { offset, len, .. } => Some((offset, len)),
+            Op::Order { fua } => {
+                // The extension is reachable only when negotiated.
+                assert!(info.order && req.command == CMD_ORDER);
+                assert_eq!((req.offset, req.length), (0, 0));
+                assert_eq!(fua, req.flags & CMD_FLAG_FUA != 0);
+                None
+            }
             Op::Flush | Op::Disc => None,
         };
         if let Some((o, l)) = range {

@@ -10,7 +10,7 @@ out="${OUT:-$root/bench-out}"
 repeats="${REPEATS:-3}"
 mkdir -p "$out"
 cd "$root"
-cargo build --release -q -p understudy-memsync --examples
+cargo build --release -q -p understudy
 workloads=("$@")
 [ ${#workloads[@]} -gt 0 ] || workloads=(kvstore btree textproc churn)
 # interval_ms:count  (2 s, 3 s and 5 s of guest time)
@@ -21,9 +21,9 @@ for w in "${workloads[@]}"; do
         rm -rf "$t"
         "$here/record.sh" "$w" "$ms" "$n" "$t" > "$out/record-$w-$ms.json"
         for r in $(seq 1 "$repeats"); do
-            "$root/target/release/examples/memsync-replay" "$t" --json > "$out/replay-$w-$ms-$r.json"
+            "$root/target/release/understudy" mem replay "$t" --json > "$out/replay-$w-$ms-$r.json"
         done
-        "$root/target/release/examples/memsync-replay" "$t" --no-verify > "$out/replay-$w-$ms.txt"
+        "$root/target/release/understudy" mem replay "$t" --no-verify > "$out/replay-$w-$ms.txt"
         rm -rf "$t"
     done
 done

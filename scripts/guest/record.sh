@@ -11,7 +11,6 @@ root="$(cd "$here/../.." && pwd)"
 [ $# -ge 4 ] || { sed -n '2,8p' "$0" >&2; exit 2; }
 cache="$("$here/build.sh")"
 cd "$root"
-cargo build --release -q -p understudy-memsync --example memsync-record
-exec "$root/target/release/examples/memsync-record" \
-    --kernel "$cache/vmlinuz" --initrd "$cache/initrd.gz" \
-    --workload "$1" --interval-ms "$2" --count "$3" --out "$4" --mem-mib "${5:-128}"
+cargo build --release -q -p understudy
+exec "$root/target/release/understudy" mem record --guest-dir "$cache" \
+    --workload "$1" --interval "$2ms" --count "$3" --mem-mib "${5:-128}" "$4"

@@ -289,6 +289,8 @@ struct State {
     close_reserved: u64,
     generation: u64,
     failed: Option<Failure>,
+    /// Set by [`EpochDisk::stop`]: the failure (if any) it reported.
+    stopped: Option<Option<Failure>>,
     shutdown: bool,
     durable_wanted: Epoch,
     space_waiters: usize,
@@ -366,7 +368,16 @@ pub struct EpochDisk {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The pseudo-failure that marks a stopped disk.
+const CLOSED: &str = "the disk was closed";
+
 fn failed_err(f: &Failure, op: &'static str) -> BlockError {
+    if f.errno.is_none() && f.what == CLOSED {
+        return BlockError::Backend {
+            op,
+            reason: "the epoch journal is closed (the server is shutting down); reopen the disk to write again".into(),
+        };
+    }
     let source = f.io();
     match op {
         "flush" => BlockError::Flush { source },
@@ -486,6 +497,7 @@ impl EpochDisk {
             close_reserved: 0,
             generation,
             failed: None,
+            stopped: None,
             shutdown: false,
             durable_wanted: base,
             space_waiters: 0,
@@ -577,9 +589,28 @@ impl EpochDisk {
     /// Stop the writer after making everything durable and applied; report
     /// whether the disk had failed.
     pub fn close(self) -> Result<(), JournalError> {
+        self.stop()
+    }
+
+    /// Like [`EpochDisk::close`] for a disk that is still shared (for
+    /// example wrapped by a filter that an NBD export holds): make
+    /// everything durable and applied and stop the writer thread. Later
+    /// writes, orders and flushes fail instead of waiting for a writer that
+    /// is gone; reads keep working. Calling it again returns the same result.
+    pub fn stop(&self) -> Result<(), JournalError> {
         self.shutdown();
-        let st = self.sh.st.lock();
-        match &st.failed {
+        let mut st = self.sh.st.lock();
+        if st.stopped.is_none() {
+            let before = st.failed.clone();
+            if st.failed.is_none() {
+                st.failed = Some(Failure {
+                    errno: None,
+                    what: CLOSED.into(),
+                });
+            }
+            st.stopped = Some(before);
+        }
+        match st.stopped.as_ref().and_then(Option::as_ref) {
             Some(f) => Err(JournalError::Failed {
                 reason: format!("{}: {}", f.what, f.io()),
             }),

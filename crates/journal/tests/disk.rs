@@ -309,3 +309,48 @@ fn an_io_error_stops_the_disk_instead_of_losing_writes() {
     d.read_at(&mut b, 0).expect("reads still work");
     assert!(matches!(d.close(), Err(JournalError::Failed { .. })));
 }
+
+/// `stop` on a shared disk: everything reaches the image, later writes,
+/// orders and flushes fail at once (no hang on a missing writer), reads
+/// still work, and a second `stop` gives the same answer.
+#[test]
+fn stop_while_shared_applies_everything_and_refuses_later_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p, img) = raw(&dir, "s.img");
+    let (d, _) =
+        EpochDisk::open_path(img, &EpochDisk::journal_path(&p), ordered_long()).expect("open");
+    let d = Arc::new(d);
+    let shared: Arc<dyn Disk> = d.clone();
+    shared
+        .write_at(&[7u8; 4096], 8192, WriteOpts::default())
+        .expect("write");
+    shared.order().expect("order");
+    shared
+        .write_at(&[8u8; 512], 0, WriteOpts::default())
+        .expect("write");
+    d.stop().expect("stop");
+    d.stop().expect("second stop");
+    let t = Instant::now();
+    assert!(
+        shared
+            .write_at(&[9u8; 512], 0, WriteOpts::default())
+            .is_err()
+    );
+    assert!(shared.order().is_err());
+    assert!(shared.flush().is_err());
+    assert!(d.sync().is_err());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "calls after stop hung"
+    );
+    let mut b = [0u8; 512];
+    shared.read_at(&mut b, 0).expect("read after stop");
+    assert_eq!(b, [8u8; 512]);
+    let raw = RawDisk::open(&p, true).expect("reopen");
+    raw.read_at(&mut b, 0).expect("read image");
+    assert_eq!(b, [8u8; 512], "the open epoch was applied by stop");
+    raw.read_at(&mut b, 8192).expect("read image");
+    assert_eq!(b, [7u8; 512]);
+    drop(shared);
+    drop(d);
+}

@@ -34,8 +34,10 @@ pub mod wire;
 pub use conn::{Conn, RemoteDisk};
 pub use error::{MigrationError, RecordError};
 pub use source::{
-    Job, MIGRATION_BITMAP, MigrateOptions, Mode, NoHooks, PURPOSE, Phase, RECEIVED_BITMAP,
-    SourceExport, SourceHooks, Status, migrate, peer_bitmap_name,
+    FaultHook, Job, MIGRATION_BITMAP, MigrateOptions, Mode, NoHooks, PURPOSE, Phase,
+    RECEIVED_BITMAP, SourceExport, SourceHooks, Status, migrate, peer_bitmap_name,
 };
 pub use switch::{Hold, Route, SwitchDisk};
-pub use target::{DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService};
+pub use target::{
+    DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService, open_existing,
+};

@@ -87,6 +87,24 @@ pub struct MigrateOptions {
     pub chunk: usize,
     /// How long in-flight I/O may take to drain at switch-over. Default: 5 s.
     pub drain_timeout: Duration,
+    /// During the bulk copy, make the target durable (and record its
+    /// progress, so a retry resumes there) after this many bytes.
+    /// Default: 64 MiB.
+    pub checkpoint: u64,
+    /// Called on entering each phase, and with `Phase::Switchover` again
+    /// right before the commit is sent (tests inject faults here).
+    /// Default: none.
+    pub fault_hook: Option<FaultHook>,
+}
+
+/// See [`MigrateOptions::fault_hook`].
+#[derive(Clone)]
+pub struct FaultHook(pub Arc<dyn Fn(Phase) + Send + Sync>);
+
+impl std::fmt::Debug for FaultHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultHook")
+    }
 }
 
 impl MigrateOptions {
@@ -102,6 +120,8 @@ impl MigrateOptions {
             max_rounds: 5,
             chunk: 1 << 20,
             drain_timeout: Duration::from_secs(5),
+            checkpoint: 64 << 20,
+            fault_hook: None,
         }
     }
 }
@@ -441,6 +461,7 @@ struct Copier<'a> {
     limiter_start: Instant,
     limiter_bytes: u64,
     honour_cancel: bool,
+    checkpoint: u64,
 }
 
 impl Copier<'_> {
@@ -531,6 +552,12 @@ impl Copier<'_> {
 
 fn set_phase(status: &Mutex<Status>, p: Phase) {
     status.lock().phase = p;
+}
+
+fn fault(opts: &MigrateOptions, p: Phase) {
+    if let Some(h) = &opts.fault_hook {
+        (h.0)(p);
+    }
 }
 
 /// Everything set up for one attempt; torn down on failure by `Drop`.
@@ -796,10 +823,12 @@ fn run_session(
         limiter_start: Instant::now(),
         limiter_bytes: 0,
         honour_cancel: true,
+        checkpoint: opts.checkpoint,
     };
 
     // 1. Bulk.
     set_phase(status, Phase::Bulk);
+    fault(opts, Phase::Bulk);
     let mut incremental_taken: Option<Taken> = None;
     let t0 = Instant::now();
     match start {
@@ -814,7 +843,10 @@ fn run_session(
                 }
                 _ => align_ranges(&allocated(disk)?, gran, size),
             };
-            let todo = subtract(&base, &have);
+            // Blocks in the persistent bitmap are in `pending` already and
+            // go with the first round.
+            let p_ranges: Vec<(u64, u64)> = p_bitmap.dirty_ranges().collect();
+            let todo = subtract(&subtract(&base, &have), &p_ranges);
             bulk(&mut copier, status, &todo, start == Start::Resume)?;
         }
         Start::Incremental => {
@@ -845,8 +877,11 @@ fn run_session(
         let mut st = status.lock();
         st.mode = Mode::Mirror;
         st.phase = Phase::Mirroring;
+        drop(st);
+        fault(opts, Phase::Mirroring);
     } else {
         set_phase(status, Phase::Iterating);
+        fault(opts, Phase::Iterating);
     }
     let mut rounds = 0u32;
     loop {
@@ -872,6 +907,8 @@ fn run_session(
             let mut st = status.lock();
             st.mode = Mode::Mirror;
             st.phase = Phase::Mirroring;
+            drop(st);
+            fault(opts, Phase::Mirroring);
         }
         if rounds >= opts.max_rounds.saturating_mul(4).max(20) {
             // Even mirroring cannot keep up (zeroes/discards or failures).
@@ -905,6 +942,7 @@ fn run_session(
         return Err(MigrationError::Cancelled);
     }
     set_phase(status, Phase::Switchover);
+    fault(opts, Phase::Switchover);
     rec.state = OwnerState::Handing {
         to: target_node.clone(),
         migration_id: migration_id.clone(),
@@ -945,6 +983,7 @@ fn run_session(
             return Err(e);
         }
     };
+    fault(opts, Phase::Switchover);
     let new_gen = rec.generation + 1;
     let commit_id = conn.next_id();
     let commit = conn.request_borrowed(
@@ -1010,6 +1049,7 @@ fn run_session(
     // 4. Verify.
     if opts.verify {
         set_phase(status, Phase::Verifying);
+        fault(opts, Phase::Verifying);
         let (blocks, bad) = verify(conn, disk, gran, size)?;
         let mut st = status.lock();
         st.verified_blocks = blocks;
@@ -1033,9 +1073,21 @@ fn bulk(
     map: bool,
 ) -> Result<(), MigrationError> {
     status.lock().bulk_bytes = todo.iter().map(|r| r.1).sum();
+    let mut since = 0;
     for &(o, l) in todo {
-        copier.copy(o, l, map)?;
-        status.lock().bulk_done += l;
+        // Split so checkpoints fall inside large extents too.
+        let mut pos = o;
+        while pos < o + l {
+            let n = (o + l - pos).min(copier.checkpoint.max(1));
+            copier.copy(pos, n, map)?;
+            status.lock().bulk_done += n;
+            since += n;
+            pos += n;
+            if since >= copier.checkpoint {
+                copier.flush()?;
+                since = 0;
+            }
+        }
     }
     Ok(())
 }

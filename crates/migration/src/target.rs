@@ -229,7 +229,18 @@ fn mark_inner(b: &understudy_bitmap::DirtyBitmap, off: u64, len: u64) {
     }
 }
 
-struct Receiving {
+/// Marks a name as being received until dropped (at the commit or the end
+/// of the session).
+struct Unbusy<'a>(&'a Mutex<HashSet<String>>, String);
+
+impl Drop for Unbusy<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
+struct Receiving<'a> {
+    busy: Option<Unbusy<'a>>,
     export: SourceExport,
     rec: OwnerRecord,
     persister: Option<Persister>,
@@ -334,6 +345,28 @@ fn open_image(
     ))
 }
 
+/// Open a received image that this node owns (after a restart), ready to
+/// serve: its block filter, bitmap store (persister running) and switch.
+pub fn open_existing(
+    path: &std::path::Path,
+    name: &str,
+    cfg: &TargetConfig,
+) -> Result<(SourceExport, Persister), TargetError> {
+    let img_err = |source| TargetError::Image {
+        path: path.to_owned(),
+        source,
+    };
+    let format = understudy_block::detect_format(path).map_err(img_err)?;
+    let size = open_disk(&OpenOptions {
+        path: path.to_owned(),
+        format: Some(format),
+        read_only: true,
+    })
+    .map_err(img_err)?
+    .size();
+    open_image(path, format, size, false, cfg, name)
+}
+
 /// Run one incoming migration session on `link`.
 pub fn receive(
     mut link: Link,
@@ -373,13 +406,7 @@ pub fn receive(
             ),
         ));
     }
-    struct Unbusy<'a>(&'a Mutex<HashSet<String>>, String);
-    impl Drop for Unbusy<'_> {
-        fn drop(&mut self) {
-            self.0.lock().remove(&self.1);
-        }
-    }
-    let _unbusy = Unbusy(busy, hello.name.clone());
+    let unbusy = Unbusy(busy, hello.name.clone());
     let format = if hello.format == 1 {
         Format::Qcow2
     } else {
@@ -534,6 +561,7 @@ pub fn receive(
     tracing::info!(export = %hello.name, from = %source_node, %start, "receiving a migration");
 
     let mut r = Receiving {
+        busy: Some(unbusy),
         export,
         rec,
         persister,
@@ -564,7 +592,7 @@ fn reply(link: &Link, id: u64, c: u32, body: &[u8]) -> Result<(), TargetError> {
 
 fn session_loop(
     link: &mut Link,
-    r: &mut Receiving,
+    r: &mut Receiving<'_>,
     hooks: &dyn TargetHooks,
 ) -> Result<(), TargetError> {
     let mut buf = Vec::new();
@@ -738,7 +766,7 @@ fn fwd_reply(link: &Link, id: u64, res: Result<(), BlockError>) -> Result<(), Ta
     }
 }
 
-fn flush_progress(r: &mut Receiving) -> Result<(), (u32, String)> {
+fn flush_progress(r: &mut Receiving<'_>) -> Result<(), (u32, String)> {
     if let Some(s) = &r.sticky {
         return Err(s.clone());
     }
@@ -758,7 +786,7 @@ fn flush_progress(r: &mut Receiving) -> Result<(), (u32, String)> {
 }
 
 fn commit(
-    r: &mut Receiving,
+    r: &mut Receiving<'_>,
     generation: u64,
     hooks: &dyn TargetHooks,
 ) -> Result<(), (u32, String)> {
@@ -788,6 +816,7 @@ fn commit(
     // The commit point: from here this node is the owner.
     record::store(&r.export.image, &r.rec).map_err(|e| io(&e))?;
     r.committed = true;
+    r.busy = None;
     r.export.switch.set_route(Route::Local);
     hooks.serve(r.export.clone(), r.persister.take());
     tracing::info!(export = %r.export.name, generation, from = %r.source_node, "took ownership");
@@ -795,7 +824,7 @@ fn commit(
 }
 
 fn hash_blocks(
-    r: &Receiving,
+    r: &Receiving<'_>,
     offset: u64,
     len: u64,
     block: u64,

@@ -894,10 +894,12 @@ pub fn decode_hashes(body: &[u8]) -> Result<Vec<(u64, u8)>, WireError> {
 /// replaced, bounded.
 pub fn sanitize(bytes: &[u8]) -> String {
     let b = &bytes[..bytes.len().min(MAX_TEXT)];
-    String::from_utf8_lossy(b)
+    let s: String = String::from_utf8_lossy(b)
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+        .collect();
+    // Replacement characters can make it longer than the input.
+    truncate(&s, MAX_TEXT).to_owned()
 }
 
 fn truncate(s: &str, max: usize) -> &str {

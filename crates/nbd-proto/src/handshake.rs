@@ -101,6 +101,10 @@ impl<H> Negotiated<H> {
             flags: self.flags,
             structured: self.structured,
             has_meta_contexts: !self.contexts.is_empty(),
+            order: self
+                .contexts
+                .iter()
+                .any(|c| c.context == MetaContext::Order),
         }
     }
 }

@@ -10,6 +10,8 @@
 //! | `qemu:`                     | every dirty bitmap context | ignored            |
 //! | `qemu:dirty-bitmap:`        | every dirty bitmap context | ignored            |
 //! | `qemu:dirty-bitmap:NAME`    | that bitmap, if it exists  | selects it         |
+//! | `understudy:`               | `understudy:order`, if offered | ignored        |
+//! | `understudy:order`          | `understudy:order`, if offered | selects it     |
 //! | anything else with a colon  | ignored                    | ignored            |
 //! | no colon                    | `REP_ERR_INVALID`          | `REP_ERR_INVALID`  |
 //!
@@ -22,6 +24,9 @@ use std::borrow::Cow;
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Prefix of QEMU's dirty bitmap contexts (bit 0 = dirty).
 pub const QEMU_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// The understudy write-order extension: selecting it allows
+/// [`CMD_ORDER`](crate::wire::CMD_ORDER). It carries no block-status data.
+pub const UNDERSTUDY_ORDER: &str = "understudy:order";
 
 /// A metadata context an export can offer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -30,6 +35,9 @@ pub enum MetaContext {
     BaseAllocation,
     /// `qemu:dirty-bitmap:NAME`: `STATE_DIRTY` per extent.
     DirtyBitmap(String),
+    /// `understudy:order`: negotiates `CMD_ORDER`; block status reports one
+    /// extent with flags 0.
+    Order,
 }
 
 impl MetaContext {
@@ -38,6 +46,7 @@ impl MetaContext {
         match self {
             MetaContext::BaseAllocation => Cow::Borrowed(BASE_ALLOCATION),
             MetaContext::DirtyBitmap(n) => Cow::Owned(format!("{QEMU_DIRTY_BITMAP_PREFIX}{n}")),
+            MetaContext::Order => Cow::Borrowed(UNDERSTUDY_ORDER),
         }
     }
 }
@@ -105,6 +114,10 @@ pub(crate) fn match_query(
                     .for_each(&mut add);
             }
         }
+        ("understudy", "", QueryMode::List) | ("understudy", "order", _) => available
+            .iter()
+            .filter(|c| matches!(c, MetaContext::Order))
+            .for_each(&mut add),
         // Unknown namespaces and SET wildcards select nothing.
         _ => {}
     }
@@ -120,6 +133,7 @@ mod tests {
             MetaContext::BaseAllocation,
             MetaContext::DirtyBitmap("b0".into()),
             MetaContext::DirtyBitmap("b1".into()),
+            MetaContext::Order,
         ]
     }
 
@@ -166,6 +180,34 @@ mod tests {
             run("base:allocation", QueryMode::Set).unwrap(),
             ["base:allocation"]
         );
+    }
+
+    #[test]
+    fn order_context() {
+        assert_eq!(
+            run("understudy:", QueryMode::List).unwrap(),
+            ["understudy:order"]
+        );
+        assert_eq!(
+            run("understudy:order", QueryMode::List).unwrap(),
+            ["understudy:order"]
+        );
+        assert_eq!(
+            run("understudy:order", QueryMode::Set).unwrap(),
+            ["understudy:order"]
+        );
+        assert!(run("understudy:", QueryMode::Set).unwrap().is_empty());
+        assert!(run("understudy:orderx", QueryMode::Set).unwrap().is_empty());
+        // Not offered (an export without a journal): never selected.
+        let mut out = Vec::new();
+        match_query(
+            "understudy:order",
+            QueryMode::Set,
+            &[MetaContext::BaseAllocation],
+            &mut out,
+        )
+        .unwrap();
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct TransmissionInfo {
     pub structured: bool,
     /// At least one metadata context was selected.
     pub has_meta_contexts: bool,
+    /// The `understudy:order` context was selected, so `CMD_ORDER` is
+    /// allowed.
+    pub order: bool,
 }
 
 impl TransmissionInfo {
@@ -145,6 +148,13 @@ pub enum Op {
         /// Fail fast with `ENOTSUP` instead of writing zero buffers.
         fast_only: bool,
     },
+    /// Write-order barrier (`CMD_ORDER`, negotiated extension): writes
+    /// completed before it reach stable storage before writes after it.
+    Order {
+        /// Also make everything before it durable before the reply
+        /// (write-flush).
+        fua: bool,
+    },
     /// Block status for every selected context.
     BlockStatus {
         /// Offset.
@@ -175,7 +185,9 @@ pub struct ValidRequest {
 /// past the end (including `offset + length` overflowing) → `ENOSPC` for
 /// `WRITE`/`WRITE_ZEROES`, `EINVAL` otherwise; `FLUSH` with a nonzero offset
 /// or length → `EINVAL`; `BLOCK_STATUS` without a selected context or with
-/// length 0 → `EINVAL`. Zero-length `READ`, `WRITE`, `TRIM`, `CACHE` and
+/// length 0 → `EINVAL`. `ORDER` (extension) is an unknown command (`EINVAL`)
+/// unless `understudy:order` was negotiated; it takes only `FUA` and needs
+/// offset and length 0, else `EINVAL`. Zero-length `READ`, `WRITE`, `TRIM`, `CACHE` and
 /// `WRITE_ZEROES` inside the export are valid no-ops. `DISC` is always
 /// accepted (the connection ends either way).
 pub fn validate_request(
@@ -218,6 +230,8 @@ pub fn validate_request(
             true,
         ),
         CMD_BLOCK_STATUS => (fua_ok | CMD_FLAG_REQ_ONE, false),
+        // Never negotiated by standard clients: to them it stays unknown.
+        CMD_ORDER if export.order => (fua_ok, false),
         _ => return Err(NbdErrno::Inval),
     };
     if writes && ro {
@@ -250,6 +264,12 @@ pub fn validate_request(
                 return Err(NbdErrno::Inval);
             }
             Op::Flush
+        }
+        CMD_ORDER => {
+            if offset != 0 || len != 0 {
+                return Err(NbdErrno::Inval);
+            }
+            Op::Order { fua }
         }
         _ if !in_bounds => {
             return Err(if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -306,6 +326,7 @@ mod tests {
             | FLAG_SEND_DF,
         structured: true,
         has_meta_contexts: true,
+        order: false,
     };
 
     fn req(command: u16, flags: u16, offset: u64, length: u32) -> Request {
@@ -487,6 +508,43 @@ mod tests {
             v(req(CMD_BLOCK_STATUS, 0, 0, 1), &no_ctx),
             Err(NbdErrno::Inval)
         );
+    }
+
+    #[test]
+    fn order_only_when_negotiated() {
+        // Not negotiated: unknown command, whatever the flags or range.
+        assert_eq!(v(req(CMD_ORDER, 0, 0, 0), &RW), Err(NbdErrno::Inval));
+        let ord = TransmissionInfo { order: true, ..RW };
+        assert_eq!(
+            v(req(CMD_ORDER, 0, 0, 0), &ord),
+            Ok(Op::Order { fua: false })
+        );
+        assert_eq!(
+            v(req(CMD_ORDER, CMD_FLAG_FUA, 0, 0), &ord),
+            Ok(Op::Order { fua: true })
+        );
+        assert_eq!(v(req(CMD_ORDER, 0, 1, 0), &ord), Err(NbdErrno::Inval));
+        assert_eq!(v(req(CMD_ORDER, 0, 0, 1), &ord), Err(NbdErrno::Inval));
+        for f in [CMD_FLAG_NO_HOLE, CMD_FLAG_DF, CMD_FLAG_REQ_ONE, 1 << 15] {
+            assert_eq!(v(req(CMD_ORDER, f, 0, 0), &ord), Err(NbdErrno::Inval));
+        }
+        let no_fua = TransmissionInfo {
+            flags: ord.flags & !FLAG_SEND_FUA,
+            ..ord
+        };
+        assert_eq!(
+            v(req(CMD_ORDER, CMD_FLAG_FUA, 0, 0), &no_fua),
+            Err(NbdErrno::Inval)
+        );
+        // No payload, so the stream stays in sync even when refused.
+        assert_eq!(req(CMD_ORDER, 0, 0, 4096).payload_len(), 0);
+        // Negotiating ORDER changes nothing for the standard commands.
+        for cmd in [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES] {
+            for (o, l) in [(0, 0), (0, 512), (RW.size, 1)] {
+                let r = req(cmd, 0, o, l);
+                assert_eq!(v(r, &RW), v(r, &ord), "{cmd} {o} {l}");
+            }
+        }
     }
 
     #[test]

@@ -147,6 +147,11 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 /// Resize (experimental; unsupported).
 pub const CMD_RESIZE: u16 = 8;
+/// understudy extension: write-order barrier (`docs/ordering.md`). Only
+/// valid after the client negotiated the `understudy:order` metadata
+/// context; far above the standard range so it cannot collide with a
+/// future standard command.
+pub const CMD_ORDER: u16 = 0x5500;
 
 // ---- command flags ----
 /// Force unit access.

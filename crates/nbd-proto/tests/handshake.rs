@@ -507,3 +507,77 @@ fn bad_magic_and_too_many_options_close() {
     let (_, ev, _) = run(&mut hs, &cat, &one);
     assert_eq!(ev, Err(HandshakeError::TooManyOptions));
 }
+
+/// `understudy:order` is offered only where the export lists it, selected
+/// only by an exact `SET`, and only then allows `CMD_ORDER`.
+#[test]
+fn order_context_negotiation() {
+    let mut journaled = desc("j", 1 << 20, &[]);
+    journaled.contexts.push(MetaContext::Order);
+    let cat = Catalog {
+        exports: vec![desc("a", 1 << 20, &[]), journaled],
+    };
+    let order_of = |hs: &mut Handshake, export: &str, queries: &[&str]| {
+        let mut input = encode_option(OPT_SET_META_CONTEXT, &meta_data(export, queries));
+        input.extend(encode_option(OPT_GO, &info_go_data(export, &[])));
+        let (out, ev, _) = run(hs, &cat, &input);
+        match ev {
+            Ok(Some(Event::Transmission(n))) => (context_names(&replies(&out)), n.transmission()),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let structured = |cat: &Catalog| {
+        let mut hs = started(cat, FLAG_C_FIXED_NEWSTYLE);
+        let (_, ev, _) = run(&mut hs, cat, &encode_option(OPT_STRUCTURED_REPLY, &[]));
+        assert_eq!(ev, Ok(None));
+        hs
+    };
+
+    // Listed by the namespace wildcard and by an empty query, on "j" only.
+    let mut hs = structured(&cat);
+    let (out, _, _) = run(
+        &mut hs,
+        &cat,
+        &encode_option(OPT_LIST_META_CONTEXT, &meta_data("j", &["understudy:"])),
+    );
+    assert_eq!(
+        context_names(&replies(&out)),
+        [(0, "understudy:order".into())]
+    );
+    let (out, _, _) = run(
+        &mut hs,
+        &cat,
+        &encode_option(OPT_LIST_META_CONTEXT, &meta_data("a", &["understudy:"])),
+    );
+    assert!(context_names(&replies(&out)).is_empty());
+
+    // Selected on the journaled export: ORDER allowed.
+    let (names, t) = order_of(&mut hs, "j", &["understudy:order", "base:allocation"]);
+    assert_eq!(
+        names,
+        [
+            (1, "understudy:order".into()),
+            (2, "base:allocation".into())
+        ]
+    );
+    assert!(t.order && t.has_meta_contexts);
+
+    // Asked for on an export without a journal: not granted.
+    let mut hs = structured(&cat);
+    let (names, t) = order_of(&mut hs, "a", &["understudy:order"]);
+    assert!(names.is_empty());
+    assert!(!t.order);
+
+    // Standard clients that never ask (base:allocation only) never get it.
+    let mut hs = structured(&cat);
+    let (_, t) = order_of(&mut hs, "j", &["base:allocation"]);
+    assert!(!t.order && t.has_meta_contexts);
+
+    // Without structured replies SET fails, so ORDER stays unavailable.
+    let mut hs = started(&cat, FLAG_C_FIXED_NEWSTYLE);
+    let mut input = encode_option(OPT_SET_META_CONTEXT, &meta_data("j", &["understudy:order"]));
+    input.extend(encode_option(OPT_GO, &info_go_data("j", &[])));
+    let (out, ev, _) = run(&mut hs, &cat, &input);
+    assert!(replies(&out).iter().any(|(h, _)| h.typ == REP_ERR_INVALID));
+    assert!(matches!(ev, Ok(Some(Event::Transmission(ref n))) if !n.transmission().order));
+}

@@ -14,7 +14,7 @@ use understudy_nbd_proto::{
 fn arb_request() -> impl Strategy<Value = Request> {
     (
         any::<u16>(),
-        0u16..12,
+        prop_oneof![0u16..12, Just(CMD_ORDER), any::<u16>()],
         any::<u64>(),
         prop_oneof![any::<u64>(), 0u64..(1 << 21)],
         any::<u32>(),
@@ -34,13 +34,15 @@ fn arb_info() -> impl Strategy<Value = TransmissionInfo> {
         any::<u16>(),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(size, flags, structured, has_meta_contexts)| TransmissionInfo {
+            |(size, flags, structured, has_meta_contexts, order)| TransmissionInfo {
                 size,
                 flags,
                 structured,
                 has_meta_contexts,
+                order,
             },
         )
 }
@@ -78,6 +80,14 @@ proptest! {
                         Some((offset, len))
                     }
                     Op::Flush => { prop_assert_eq!((r.offset, r.length), (0, 0)); None }
+                    Op::Order { fua } => {
+                        prop_assert!(e.order, "ORDER accepted without negotiation");
+                        prop_assert_eq!(r.command, CMD_ORDER);
+                        prop_assert_eq!((r.offset, r.length), (0, 0));
+                        prop_assert_eq!(fua, r.flags & CMD_FLAG_FUA != 0);
+                        prop_assert_eq!(r.flags & !CMD_FLAG_FUA, 0);
+                        None
+                    }
                     Op::Disc => None,
                 };
                 if let Some((o, l)) = range {
@@ -89,6 +99,25 @@ proptest! {
                 }
             }
             Err(errno) => prop_assert!(matches!(errno, NbdErrno::Inval | NbdErrno::Perm | NbdErrno::NoSpc | NbdErrno::Overflow)),
+        }
+    }
+
+    /// The ORDER extension is invisible unless negotiated, and negotiating
+    /// it changes nothing for any other command.
+    #[test]
+    fn order_extension_is_isolated(r in arb_request(), e in arb_info()) {
+        let off = TransmissionInfo { order: false, ..e };
+        let on = TransmissionInfo { order: true, ..e };
+        if r.command == CMD_ORDER {
+            prop_assert_eq!(validate_request(&r, &off), Err(NbdErrno::Inval));
+            let expect_ok = r.offset == 0
+                && r.length == 0
+                && r.flags & !CMD_FLAG_FUA == 0
+                && (r.flags & CMD_FLAG_FUA == 0 || e.flags & FLAG_SEND_FUA != 0);
+            prop_assert_eq!(validate_request(&r, &on).is_ok(), expect_ok);
+            prop_assert_eq!(r.payload_len(), 0);
+        } else {
+            prop_assert_eq!(validate_request(&r, &off), validate_request(&r, &on));
         }
     }
 

@@ -15,6 +15,15 @@
 //! Helpers that stay idle for `idle_worker_timeout` while another worker
 //! waits retire. Replies may leave out of order; each goes out with one
 //! `write` under the writer lock so replies never interleave.
+//!
+//! `ORDER` (the `understudy:order` extension) is the one request handled
+//! partly under the reader lock: the worker that read it waits until every
+//! write-like request this connection received earlier has been handed to
+//! the disk, then calls `Disk::order()`, and only then lets the next request
+//! be read. So writes received before the ORDER belong to the closed epoch
+//! even while other workers still run them, and writes received after it to
+//! a later one. Write tracking is only switched on for connections that
+//! negotiated the extension.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -23,7 +32,8 @@ use std::sync::{Arc, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
+use understudy_block::Epoch;
 use understudy_nbd_proto::wire::REQUEST_HEADER_LEN;
 use understudy_nbd_proto::{
     Event, Handshake, HandshakeError, MAX_REQUEST_LEN, NbdErrno, Negotiated, Op, Request,
@@ -107,6 +117,8 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, mut stream: Stream) -> Result
         writer: std::sync::Mutex::new(stream),
         control,
         closing: AtomicBool::new(false),
+        inflight_writes: Mutex::new(0),
+        writes_drained: Condvar::new(),
         waiting: AtomicUsize::new(1),
         workers: AtomicUsize::new(1),
         handles: Mutex::new(Vec::new()),
@@ -160,6 +172,19 @@ fn handshake(
             None => {}
             Some(Event::Abort) => return Ok(None),
             Some(Event::Transmission(n)) => return Ok(Some(n)),
+        }
+    }
+}
+
+/// A write-like request in flight (see [`Conn::begin_write`]).
+struct WriteGuard<'a>(&'a Conn);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.inflight_writes.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.0.writes_drained.notify_all();
         }
     }
 }
@@ -246,6 +271,11 @@ pub(crate) struct Conn {
     control: Stream,
     /// No more requests are read once set.
     closing: AtomicBool,
+    /// Write-like requests read but not yet returned from the disk (only
+    /// counted when `info.order`).
+    inflight_writes: Mutex<u64>,
+    /// Signalled when `inflight_writes` drops to zero.
+    writes_drained: Condvar,
     /// Workers waiting for (or holding) the reader without a request.
     waiting: AtomicUsize,
     /// Live workers, including the connection thread.
@@ -258,6 +288,7 @@ impl Conn {
         Target {
             disk: &*self.export.disk,
             dirty: self.export.dirty.as_deref(),
+            ordering: self.export.ordering.as_deref(),
             contexts: &self.contexts,
             structured: self.structured,
             stats: &self.shared.stats,
@@ -326,13 +357,43 @@ impl Conn {
                 self.waiting.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
+            // Still under the reader lock: the barrier and the write count
+            // follow request-receive order.
+            let mut barrier = None;
+            let mut tracked = None;
+            match &valid {
+                Ok(ValidRequest {
+                    op: Op::Order { .. },
+                    ..
+                }) => barrier = Some(self.order_barrier()),
+                Ok(ValidRequest {
+                    op: Op::Write { .. } | Op::WriteZeroes { .. } | Op::Trim { .. },
+                    ..
+                }) if self.info.order => tracked = Some(self.begin_write()),
+                _ => {}
+            }
             drop(reader);
             if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.maybe_spawn();
             }
             let t = self.target();
             let reply = match valid {
-                Ok(v) => dispatch::execute(&t, &mut w, v),
+                Ok(ValidRequest {
+                    cookie,
+                    op: Op::Order { fua },
+                }) => {
+                    let barrier = match barrier {
+                        Some(b) => b,
+                        None => t.disk.order(),
+                    };
+                    dispatch::order(&t, &mut w, cookie, fua, barrier)
+                }
+                Ok(v) => {
+                    let r = dispatch::execute(&t, &mut w, v);
+                    // The disk has assigned the write its epoch.
+                    drop(tracked);
+                    r
+                }
                 Err(errno) => {
                     tracing::trace!(conn = self.id, ?req, %errno, "request refused");
                     dispatch::reject(&t, &mut w, req.cookie, req.command, errno)
@@ -342,6 +403,25 @@ impl Conn {
             w.trim();
             self.waiting.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Count a write-like request as in flight until the guard drops.
+    fn begin_write(&self) -> WriteGuard<'_> {
+        *self.inflight_writes.lock() += 1;
+        WriteGuard(self)
+    }
+
+    /// The ORDER barrier, called under the reader lock: wait until every
+    /// earlier write-like request of this connection has returned from the
+    /// disk, then close the epoch. The wait stalls reading for at most the
+    /// duration of those writes (a FUA write among them: one journal sync).
+    fn order_barrier(&self) -> understudy_block::Result<Epoch> {
+        let mut n = self.inflight_writes.lock();
+        while *n > 0 {
+            self.writes_drained.wait(&mut n);
+        }
+        drop(n);
+        self.export.disk.order()
     }
 
     fn send(&self, w: &Worker, reply: ReplyBuf) {

@@ -5,7 +5,7 @@
 use std::error::Error as _;
 use std::fmt::Write as _;
 
-use understudy_block::{BlockError, Disk, ErrorKind, WriteOpts, ZeroOpts};
+use understudy_block::{BlockError, Disk, Epoch, ErrorKind, WriteOpts, ZeroOpts};
 use understudy_nbd_proto::reply::{
     BlockStatusBuilder, error_chunk, none_chunk, offset_data_header, offset_hole_chunk,
     simple_reply,
@@ -13,7 +13,7 @@ use understudy_nbd_proto::reply::{
 use understudy_nbd_proto::wire::*;
 use understudy_nbd_proto::{MetaContext, NbdErrno, Op, SelectedContext, ValidRequest};
 
-use crate::export::DirtyMapSource;
+use crate::export::{DirtyMapSource, OrderSupport};
 use crate::stats::{Counters, bump};
 
 /// Structured reads at least this long ask the disk for holes first, so
@@ -77,6 +77,7 @@ pub(crate) enum ReplyBuf {
 pub(crate) struct Target<'a> {
     pub disk: &'a dyn Disk,
     pub dirty: Option<&'a dyn DirtyMapSource>,
+    pub ordering: Option<&'a dyn OrderSupport>,
     pub contexts: &'a [SelectedContext],
     pub structured: bool,
     pub stats: &'a Counters,
@@ -92,6 +93,7 @@ fn command_name(command: u16) -> &'static str {
         CMD_CACHE => "cache",
         CMD_WRITE_ZEROES => "write-zeroes",
         CMD_BLOCK_STATUS => "block-status",
+        CMD_ORDER => "order",
         _ => "unknown command",
     }
 }
@@ -262,8 +264,39 @@ pub(crate) fn execute(t: &Target<'_>, w: &mut Worker, v: ValidRequest) -> ReplyB
             bump(&s.block_status, 1);
             block_status(t, w, cookie, offset, len, req_one)
         }
+        // The connection closes the epoch in its receive loop and calls
+        // `order`; this path only runs if a caller skipped that.
+        Op::Order { fua } => order(t, w, cookie, fua, t.disk.order()),
         Op::Disc => ReplyBuf::Out,
     }
+}
+
+/// Finish an `ORDER` whose barrier (`Disk::order`, taken in the receive
+/// loop) returned `barrier`: with `fua`, wait until everything before it
+/// is durable; then reply.
+pub(crate) fn order(
+    t: &Target<'_>,
+    w: &mut Worker,
+    cookie: u64,
+    fua: bool,
+    barrier: understudy_block::Result<Epoch>,
+) -> ReplyBuf {
+    bump(&t.stats.orders, 1);
+    if let Err(e) = barrier {
+        return io_fail(t, w, cookie, &e, true);
+    }
+    if fua {
+        // Without an ordering source the export never offers ORDER; a
+        // full flush is still a correct write-flush.
+        let synced = match t.ordering {
+            Some(o) => o.sync(),
+            None => t.disk.flush(),
+        };
+        if let Err(e) = synced {
+            return io_fail(t, w, cookie, &e, true);
+        }
+    }
+    ok(w, cookie)
 }
 
 fn read(t: &Target<'_>, w: &mut Worker, cookie: u64, offset: u64, len: u32, df: bool) -> ReplyBuf {
@@ -395,6 +428,11 @@ fn block_status(
                 Some(d) => fill_dirty(d, name, offset, &mut b),
                 None => Err(StatusError::NoBitmap(name.clone())),
             },
+            // No block-status data: one extent over the request, flags 0.
+            MetaContext::Order => {
+                b.push(u64::from(len), 0);
+                Ok(())
+            }
         };
         let r = filled.and_then(|()| b.finish().map(drop).map_err(|_| StatusError::Empty));
         if let Err(e) = r {

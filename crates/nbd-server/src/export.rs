@@ -24,6 +24,16 @@ pub trait DirtyMapSource: Send + Sync + Debug {
     fn dirty_extents(&self, name: &str, offset: u64, len: u64) -> Option<Vec<(u64, bool)>>;
 }
 
+/// The write-order extension of an export (`understudy:order`, see
+/// `docs/ordering.md`). The barrier itself is [`Disk::order`]
+/// (`understudy_block::DiskWrite::order`) on the export's disk; this adds
+/// the write-flush that `ORDER` with `FUA` needs whatever the disk's flush
+/// policy (under an ordered policy `flush` only orders).
+pub trait OrderSupport: Send + Sync + Debug {
+    /// Return once every write completed before the call is durable.
+    fn sync(&self) -> understudy_block::Result<()>;
+}
+
 /// One named disk offered over NBD.
 #[derive(Debug)]
 pub struct Export {
@@ -37,6 +47,9 @@ pub struct Export {
     pub read_only: bool,
     /// Dirty bitmaps to offer as metadata contexts.
     pub dirty: Option<Arc<dyn DirtyMapSource>>,
+    /// Offer `understudy:order` and accept `CMD_ORDER` (writable exports
+    /// only). `None` for disks without an epoch journal.
+    pub ordering: Option<Arc<dyn OrderSupport>>,
 }
 
 impl Export {
@@ -48,6 +61,7 @@ impl Export {
             disk,
             read_only: false,
             dirty: None,
+            ordering: None,
         }
     }
 
@@ -66,6 +80,12 @@ impl Export {
     /// Offer the bitmaps of `dirty`.
     pub fn with_dirty(mut self, dirty: Arc<dyn DirtyMapSource>) -> Self {
         self.dirty = Some(dirty);
+        self
+    }
+
+    /// Offer the write-order extension; `ordering` provides write-flush.
+    pub fn with_ordering(mut self, ordering: Arc<dyn OrderSupport>) -> Self {
+        self.ordering = Some(ordering);
         self
     }
 
@@ -109,6 +129,10 @@ impl Export {
                     })
                     .map(MetaContext::DirtyBitmap),
             );
+        }
+        // Only clients that ask for it by name ever select it.
+        if !ro && self.ordering.is_some() {
+            contexts.push(MetaContext::Order);
         }
         ExportDescriptor {
             name: self.name.clone(),
@@ -378,6 +402,25 @@ mod tests {
         m.add_bitmap("x");
         let with = Export::new("w", disk(&dir, "w")).with_dirty(m).descriptor();
         assert_eq!(with.contexts[1], MetaContext::DirtyBitmap("x".into()));
+    }
+
+    #[derive(Debug)]
+    struct NoSync;
+    impl OrderSupport for NoSync {
+        fn sync(&self) -> understudy_block::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn order_context_only_on_writable_ordering_exports() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Export::new("p", disk(&dir, "p")).descriptor();
+        assert!(!plain.contexts.contains(&MetaContext::Order));
+        let j = Export::new("j", disk(&dir, "j")).with_ordering(Arc::new(NoSync));
+        assert_eq!(j.descriptor().contexts.last(), Some(&MetaContext::Order));
+        let ro = j.with_read_only(true).descriptor();
+        assert!(!ro.contexts.contains(&MetaContext::Order));
     }
 
     #[test]

@@ -46,7 +46,7 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use export::{DirtyMapSource, Export, ExportRegistry, MemoryDirtyMap};
+pub use export::{DirtyMapSource, Export, ExportRegistry, MemoryDirtyMap, OrderSupport};
 pub use stats::Stats;
 
 /// Server settings.

@@ -22,6 +22,8 @@ pub struct Stats {
     pub writes: u64,
     /// `FLUSH` requests.
     pub flushes: u64,
+    /// `ORDER` requests (the `understudy:order` extension).
+    pub orders: u64,
     /// `TRIM` requests.
     pub trims: u64,
     /// `WRITE_ZEROES` requests.
@@ -52,6 +54,7 @@ pub(crate) struct Counters {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+    pub orders: AtomicU64,
     pub trims: AtomicU64,
     pub write_zeroes: AtomicU64,
     pub block_status: AtomicU64,
@@ -78,6 +81,7 @@ impl Counters {
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),
             flushes: self.flushes.load(Relaxed),
+            orders: self.orders.load(Relaxed),
             trims: self.trims.load(Relaxed),
             write_zeroes: self.write_zeroes.load(Relaxed),
             block_status: self.block_status.load(Relaxed),

@@ -65,6 +65,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         persist_interval: std::time::Duration::from_secs(5),
         intent_extent: "64M".into(),
         workers: 8,
+        migration: Default::default(),
     };
     let daemon = Daemon::start(&serve)?;
     let addr = daemon.tcp_addrs[0].to_string();

@@ -3,6 +3,8 @@
 
 mod control;
 mod demo;
+mod mem;
+mod migrate;
 mod nbd_client;
 mod serve;
 mod spec;
@@ -40,9 +42,17 @@ enum Command {
         #[command(subcommand)]
         cmd: BitmapCmd,
     },
+    /// Move an export to another server while its clients keep writing
+    /// (through the control socket of the server that has it).
+    Migrate(migrate::MigrateArgs),
     /// Run the built-in demo: serve a small image, write to it over NBD and
     /// show which blocks the dirty bitmap recorded.
     Demo(demo::DemoArgs),
+    /// Memory checkpoint sync: record guest memory traces and replay them.
+    Mem {
+        #[command(subcommand)]
+        cmd: mem::MemCmd,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +144,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Migrate(args) => migrate::run(args),
+        Command::Mem { cmd } => mem::run(cmd),
         Command::Bitmap { control, cmd } => bitmap_cmd(&control, cmd),
     }
 }

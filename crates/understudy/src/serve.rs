@@ -20,13 +20,14 @@ use serde_json::json;
 use understudy_bitmap::{BitmapStore, StoreError, StoreOptions};
 use understudy_block::{Disk, OpenOptions, open_disk};
 use understudy_filter::FilterDisk;
-use understudy_nbd_server::{DirtyMapSource, Export, Server, ServerConfig};
+use understudy_journal::{EpochDisk, FlushPolicy, JournalConfig};
+use understudy_nbd_server::{DirtyMapSource, Export, OrderSupport, Server, ServerConfig};
 
 use crate::control::proto::{
     BitmapEntry, BitmapParams, CONTROL_VERSION, DirtyRun, ExportEntry, Request, Response,
 };
 use crate::control::server::{ControlServer, Handler};
-use crate::spec::{ExportSpec, check_granularity, parse_size};
+use crate::spec::{ExportSpec, FlushMode, check_granularity, parse_size};
 
 /// Arguments of `understudy serve`.
 #[derive(Debug, Clone, Args)]
@@ -39,9 +40,21 @@ pub struct ServeArgs {
     #[arg(long)]
     pub socket: Vec<PathBuf>,
     /// An export: name=NAME,path=IMAGE[,format=raw|qcow2][,readonly][,bitmap=NAME[:GRANULARITY]]
+    /// [,journal=on|off][,flush=durable|ordered[:INTERVAL]][,journal-size=SIZE][,in-place-min=SIZE]
     /// (repeatable). A bitmap named here is created on the first start and
     /// reopened with its contents on every later start.
-    #[arg(long = "export", required = true)]
+    ///
+    /// journal=on puts an epoch journal (IMAGE.journal, keep it beside the
+    /// image) under the export and offers the `understudy:order` NBD
+    /// extension. flush=durable (default): an acknowledged FLUSH is on stable
+    /// storage. flush=ordered[:INTERVAL] (implies journal=on; default 5s):
+    /// an NBD FLUSH becomes an ordering barrier and returns at once; FUA
+    /// writes and the timer make data durable. After a host crash the image
+    /// is consistent (exactly the writes up to some flush, in order), but up
+    /// to INTERVAL of acknowledged flushes may be lost. Use it only where
+    /// losing the last seconds is acceptable. journal-size: ring size
+    /// (default 128M).
+    #[arg(long = "export", required_unless_present = "accept_migrations")]
     pub exports: Vec<ExportSpec>,
     /// Control socket path.
     #[arg(long, default_value = crate::DEFAULT_CONTROL)]
@@ -57,6 +70,9 @@ pub struct ServeArgs {
     /// Most worker threads per NBD connection.
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
+    /// Live migration (docs/migration.md).
+    #[command(flatten)]
+    pub migration: crate::migrate::MigrationArgs,
 }
 
 /// One served image.
@@ -68,6 +84,69 @@ struct ExportState {
     /// `None` for read-only exports (nothing to record).
     store: Option<Arc<BitmapStore>>,
     persister: Mutex<Option<understudy_bitmap::Persister>>,
+    /// The epoch journal under the filter, when `journal=on`.
+    journal: Option<Arc<EpochDisk>>,
+    /// The layers live migration needs (writable exports only).
+    migratable: Option<understudy_migration::SourceExport>,
+}
+
+/// Write-flush for `NBD_CMD_ORDER` with FUA, whatever the flush policy.
+#[derive(Debug)]
+struct JournalSync(Arc<EpochDisk>);
+
+impl OrderSupport for JournalSync {
+    fn sync(&self) -> understudy_block::Result<()> {
+        self.0.sync().map(drop)
+    }
+}
+
+/// Open (and recover) the epoch journal beside the image when the spec
+/// asks for one; returns the disk to build on and the journal.
+fn open_journal(
+    spec: &ExportSpec,
+    inner: Arc<dyn Disk>,
+) -> Result<(Arc<dyn Disk>, Option<Arc<EpochDisk>>)> {
+    let Some(j) = &spec.journal else {
+        return Ok((inner, None));
+    };
+    let path = EpochDisk::journal_path(&spec.path);
+    let policy = match j.flush {
+        FlushMode::Durable => FlushPolicy::Durable,
+        FlushMode::Ordered(interval) => FlushPolicy::Ordered { interval },
+    };
+    let cfg = JournalConfig {
+        capacity: j.size,
+        policy,
+        in_place_min: j.in_place_min,
+    };
+    let (disk, report) = EpochDisk::open_path(inner, &path, cfg).with_context(|| {
+        format!(
+            "opening the journal {} of export {:?}",
+            path.display(),
+            spec.name
+        )
+    })?;
+    if report.dropped_records > 0 {
+        tracing::warn!(
+            export = %spec.name,
+            replayed_epochs = report.replayed_epochs,
+            dropped_records = report.dropped_records,
+            last_epoch = report.last_epoch,
+            "journal recovery dropped the writes of incomplete epochs (never flushed or ordered before the crash); the image holds every epoch up to last_epoch"
+        );
+    } else {
+        tracing::info!(
+            export = %spec.name,
+            found_journal = report.found_journal,
+            replayed_epochs = report.replayed_epochs,
+            replayed_records = report.replayed_records,
+            last_epoch = report.last_epoch,
+            flush = ?j.flush,
+            "epoch journal open"
+        );
+    }
+    let disk = Arc::new(disk);
+    Ok((disk.clone(), Some(disk)))
 }
 
 /// Offers a bitmap store's bitmaps as `qemu:dirty-bitmap:NAME` contexts.
@@ -86,6 +165,7 @@ impl DirtyMapSource for StoreDirtyMap {
 /// A running server: exports, NBD listeners and the control socket.
 pub struct Daemon {
     exports: BTreeMap<String, ExportState>,
+    migration: Arc<crate::migrate::Manager>,
     nbd: Server,
     accept_threads: Vec<std::thread::JoinHandle<()>>,
     /// Bound TCP addresses (resolved, so port 0 shows the real port).
@@ -111,6 +191,8 @@ fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
             spec.path.display()
         );
     }
+    crate::migrate::check_servable(&spec.path)
+        .with_context(|| format!("export {:?}", spec.name))?;
     let inner = open_disk(&OpenOptions {
         path: spec.path.clone(),
         format: spec.format,
@@ -119,13 +201,22 @@ fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
     .with_context(|| format!("opening export {:?}", spec.name))?;
     let info = inner.info();
     if spec.read_only || info.read_only {
+        if spec.journal.is_some() {
+            bail!(
+                "export {:?}: the image is read-only, so journal=on/flush=ordered cannot work; make the image writable or drop those options",
+                spec.name
+            );
+        }
         return Ok(ExportState {
             spec: spec.clone(),
             disk: inner,
             store: None,
             persister: Mutex::new(None),
+            journal: None,
+            migratable: None,
         });
     }
+    let (inner, journal) = open_journal(spec, inner)?;
     let intent_extent_size = parse_size(&args.intent_extent)?;
     let store = BitmapStore::open(
         &spec.path,
@@ -171,12 +262,17 @@ fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
     let persister = store
         .spawn_persister(args.persist_interval)
         .context("starting the bitmap persister thread")?;
-    let disk: Arc<dyn Disk> = Arc::new(FilterDisk::new(inner, store.clone()));
+    let filter = Arc::new(FilterDisk::new(inner, store.clone()));
+    let migratable =
+        crate::migrate::wrap_export(&spec.name, &spec.path, spec.format, filter, &store);
+    let disk: Arc<dyn Disk> = migratable.switch.clone();
     Ok(ExportState {
         spec: spec.clone(),
         disk,
         store: Some(store),
         persister: Mutex::new(Some(persister)),
+        journal,
+        migratable: Some(migratable),
     })
 }
 
@@ -204,6 +300,9 @@ impl Daemon {
                 .with_read_only(st.spec.read_only);
             if let Some(store) = &st.store {
                 e = e.with_dirty(Arc::new(StoreDirtyMap(store.clone())));
+            }
+            if let Some(j) = &st.journal {
+                e = e.with_ordering(Arc::new(JournalSync(j.clone())));
             }
             nbd.exports().insert(e);
         }
@@ -251,9 +350,16 @@ impl Daemon {
                     })?,
             );
         }
+        let migration = crate::migrate::Manager::start(
+            &args.migration,
+            &args.control,
+            &nbd,
+            exports.values().filter_map(|st| st.migratable.clone()),
+        )?;
         let (stop_tx, stop_rx) = mpsc::channel();
         Ok(Arc::new(Self {
             exports,
+            migration,
             nbd,
             accept_threads,
             tcp_addrs,
@@ -279,10 +385,19 @@ impl Daemon {
     /// Stop serving, flush every disk and close every bitmap store cleanly.
     pub fn shutdown(&self) -> Result<()> {
         self.nbd.shutdown_handle().shutdown();
+        self.migration.shutdown();
         let mut failed = Vec::new();
         for (name, st) in &self.exports {
             if let Err(e) = st.disk.flush() {
                 tracing::error!(export = %name, "final flush failed: {e}");
+                failed.push(name.clone());
+            }
+            // Under flush=ordered the flush above only orders: stop makes
+            // every epoch durable and applied before the bitmaps close.
+            if let Some(j) = &st.journal
+                && let Err(e) = j.stop()
+            {
+                tracing::error!(export = %name, "closing the journal failed: {e}");
                 failed.push(name.clone());
             }
             if let Some(p) = st.persister.lock().take() {
@@ -402,6 +517,7 @@ impl Daemon {
                 Response::ok(0, json!({}))
             }
             m if m.starts_with("bitmap.") => self.bitmap_method(m, &req.params),
+            m if m.starts_with("migration.") => self.migration.handle(m, &req.params),
             m => Response::err(
                 0,
                 "bad_request",

@@ -1,6 +1,7 @@
 //! Parsing of `key=value,...` command-line specs such as `--export`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use understudy_block::Format;
@@ -17,6 +18,32 @@ pub struct BitmapSpec {
     pub granularity: u64,
 }
 
+/// Default ordered-flush interval: closed epochs become durable within it.
+pub const DEFAULT_ORDER_INTERVAL: Duration = Duration::from_secs(5);
+/// Default journal ring size (128 MiB).
+pub const DEFAULT_JOURNAL_SIZE: u64 = 128 << 20;
+
+/// What NBD `FLUSH` means on a journaled export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushMode {
+    /// `flush=durable`: acknowledged flushes are on stable storage.
+    Durable,
+    /// `flush=ordered[:INTERVAL]`: a flush is an ordering barrier;
+    /// durability follows within the interval (or at a FUA write).
+    Ordered(Duration),
+}
+
+/// The epoch journal of one export (`journal=on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSpec {
+    /// Flush policy.
+    pub flush: FlushMode,
+    /// Ring size in bytes.
+    pub size: u64,
+    /// Writes at least this large may go to the image in place.
+    pub in_place_min: Option<u64>,
+}
+
 /// One `--export` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
@@ -30,6 +57,34 @@ pub struct ExportSpec {
     pub read_only: bool,
     /// Bitmaps created on first start and reopened later.
     pub bitmaps: Vec<BitmapSpec>,
+    /// The epoch journal, when `journal=on` or `flush=ordered`.
+    pub journal: Option<JournalSpec>,
+}
+
+/// Parse the `INTERVAL` of `flush=ordered:INTERVAL`: seconds (`2`, `0.5`)
+/// or a duration with a unit (`200ms`, `5s`, `1m`).
+fn parse_interval(v: &str) -> Result<Duration> {
+    let d = match v.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 86_400.0 => {
+            Duration::from_secs_f64(secs)
+        }
+        Ok(_) => bail!("flush=ordered:{v}: the interval must be between 0 and 86400 seconds"),
+        Err(_) => humantime::parse_duration(v).with_context(|| {
+            format!("flush=ordered:{v}: use seconds (`5`) or a duration (`200ms`, `5s`)")
+        })?,
+    };
+    if d.is_zero() || d > Duration::from_secs(86_400) {
+        bail!("flush=ordered:{v}: the interval must be more than 0 and at most 24h");
+    }
+    Ok(d)
+}
+
+fn parse_on_off(k: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => bail!("{k}={v:?}: use on or off"),
+    }
 }
 
 /// Parse a size such as `4096`, `64k`, `64K`, `1M`, `2g`, `64KiB`.
@@ -73,6 +128,10 @@ impl std::str::FromStr for ExportSpec {
         let mut format = None;
         let mut read_only = false;
         let mut bitmaps: Vec<BitmapSpec> = Vec::new();
+        let mut journal: Option<bool> = None;
+        let mut flush: Option<FlushMode> = None;
+        let mut journal_size: Option<u64> = None;
+        let mut in_place_min: Option<u64> = None;
         for part in s.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = match part.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
@@ -85,12 +144,33 @@ impl std::str::FromStr for ExportSpec {
                     format = Some(v.parse::<Format>().map_err(anyhow::Error::msg)?)
                 }
                 ("readonly" | "ro", None) => read_only = true,
-                ("readonly" | "ro", Some(v)) => {
-                    read_only = match v {
-                        "on" | "true" | "yes" | "1" => true,
-                        "off" | "false" | "no" | "0" => false,
-                        _ => bail!("readonly={v:?}: use on or off"),
+                ("readonly" | "ro", Some(v)) => read_only = parse_on_off(k, v)?,
+                ("journal", Some(v)) => journal = Some(parse_on_off(k, v)?),
+                ("flush", Some(v)) => {
+                    flush = Some(match v.split_once(':') {
+                        None if v == "durable" => FlushMode::Durable,
+                        None if v == "ordered" => FlushMode::Ordered(DEFAULT_ORDER_INTERVAL),
+                        Some(("ordered", i)) => FlushMode::Ordered(parse_interval(i)?),
+                        _ => bail!("flush={v:?}: use durable, ordered or ordered:INTERVAL"),
+                    })
+                }
+                ("journal-size", Some(v)) => {
+                    let n = parse_size(v)?;
+                    if !(64 << 10..=64 << 30).contains(&n) || n % 512 != 0 {
+                        bail!(
+                            "journal-size={v}: use a multiple of 512 bytes from 64k to 64g (default 128M)"
+                        );
                     }
+                    journal_size = Some(n);
+                }
+                ("in-place-min", Some(v)) => {
+                    let n = parse_size(v)?;
+                    if n == 0 {
+                        bail!(
+                            "in-place-min must be positive (e.g. 64k); leave it out to journal every write"
+                        );
+                    }
+                    in_place_min = Some(n);
                 }
                 ("bitmap", Some(v)) => {
                     let (bname, gran) = match v.split_once(':') {
@@ -109,7 +189,7 @@ impl std::str::FromStr for ExportSpec {
                     });
                 }
                 _ => bail!(
-                    "unknown --export option {part:?}: expected name=NAME,path=PATH[,format=raw|qcow2][,readonly][,bitmap=NAME[:GRANULARITY]]"
+                    "unknown --export option {part:?}: expected name=NAME,path=PATH[,format=raw|qcow2][,readonly][,bitmap=NAME[:GRANULARITY]][,journal=on|off][,flush=durable|ordered[:INTERVAL]][,journal-size=SIZE][,in-place-min=SIZE]"
                 ),
             }
         }
@@ -128,12 +208,32 @@ impl std::str::FromStr for ExportSpec {
         if read_only && !bitmaps.is_empty() {
             bail!("a readonly export cannot record writes: drop bitmap= or readonly");
         }
+        // flush=ordered needs the journal; asking for it turns the journal on.
+        let journaled = match (journal, flush) {
+            (Some(false), Some(FlushMode::Ordered(_))) => {
+                bail!("flush=ordered needs the epoch journal: drop journal=off")
+            }
+            (Some(j), _) => j,
+            (None, f) => matches!(f, Some(FlushMode::Ordered(_))),
+        };
+        if !journaled && (journal_size.is_some() || in_place_min.is_some()) {
+            bail!("journal-size and in-place-min configure the journal: add journal=on");
+        }
+        if journaled && read_only {
+            bail!("a readonly export has nothing to journal: drop journal/flush or readonly");
+        }
+        let journal = journaled.then(|| JournalSpec {
+            flush: flush.unwrap_or(FlushMode::Durable),
+            size: journal_size.unwrap_or(DEFAULT_JOURNAL_SIZE),
+            in_place_min,
+        });
         Ok(Self {
             name,
             path,
             format,
             read_only,
             bitmaps,
+            journal,
         })
     }
 }
@@ -164,9 +264,63 @@ mod tests {
             "path=a,bogus=1",
             "path=a,bitmap=b,bitmap=b",
             "path=a,readonly,bitmap=b",
+            "path=a,journal=maybe",
+            "path=a,flush=sometimes",
+            "path=a,flush=ordered:0",
+            "path=a,flush=ordered:-1",
+            "path=a,flush=ordered:soon",
+            "path=a,flush=durable:5",
+            "path=a,journal=off,flush=ordered",
+            "path=a,journal-size=64M",
+            "path=a,in-place-min=64k",
+            "path=a,journal=on,journal-size=1k",
+            "path=a,journal=on,journal-size=100000",
+            "path=a,journal=on,journal-size=128g",
+            "path=a,journal=on,in-place-min=0",
+            "path=a,readonly,journal=on",
+            "path=a,readonly,flush=ordered",
         ] {
             assert!(bad.parse::<ExportSpec>().is_err(), "{bad} should fail");
         }
+    }
+
+    #[test]
+    fn journal_options() {
+        let j = |s: &str| s.parse::<ExportSpec>().unwrap().journal;
+        assert_eq!(j("path=a"), None);
+        assert_eq!(j("path=a,flush=durable"), None);
+        assert_eq!(j("path=a,journal=off"), None);
+        assert_eq!(
+            j("path=a,journal=on"),
+            Some(JournalSpec {
+                flush: FlushMode::Durable,
+                size: DEFAULT_JOURNAL_SIZE,
+                in_place_min: None
+            })
+        );
+        // ordered implies the journal.
+        assert_eq!(
+            j("path=a,flush=ordered").unwrap().flush,
+            FlushMode::Ordered(DEFAULT_ORDER_INTERVAL)
+        );
+        assert_eq!(
+            j("path=a,flush=ordered:200ms").unwrap().flush,
+            FlushMode::Ordered(Duration::from_millis(200))
+        );
+        assert_eq!(
+            j("path=a,flush=ordered:2").unwrap().flush,
+            FlushMode::Ordered(Duration::from_secs(2))
+        );
+        let full =
+            j("path=a,journal=on,flush=ordered:0.5,journal-size=1M,in-place-min=64k").unwrap();
+        assert_eq!(
+            full,
+            JournalSpec {
+                flush: FlushMode::Ordered(Duration::from_millis(500)),
+                size: 1 << 20,
+                in_place_min: Some(65536)
+            }
+        );
     }
 
     #[test]
