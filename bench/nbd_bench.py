@@ -22,7 +22,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "understudy")
+BIN = os.environ.get("UNDERSTUDY_BIN", os.path.join(ROOT, "target", "release", "understudy"))
 
 
 def free_port():
@@ -71,14 +71,10 @@ def start(kind, image, port, work):
 def stop(proc, work):
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    # Bitmap sidecars are per-image: remove them so every run starts equal.
-    for f in os.listdir(work):
-        if ".bitmaps" in f:
-            os.unlink(os.path.join(work, f))
 
 
 def fio(uri, rw, bs, depth, runtime, size):
@@ -120,34 +116,41 @@ def main():
         sys.exit(f"{BIN} is missing: run `cargo build --release -p understudy` first")
     servers = args.servers.split(",")
     work = tempfile.mkdtemp(prefix="nbd-bench-")
-    image = os.path.join(work, "bench.raw")
-    # Fully allocated, non-zero data so reads are real reads.
-    with open(image, "wb") as f:
-        chunk = os.urandom(1 << 20)
-        for _ in range(args.size_bytes >> 20):
-            f.write(chunk)
+    # One fully allocated, non-zero image per server (so bitmap sidecars and
+    # locks never collide), all served at once; measurements interleave at
+    # the finest grain: for each round and workload, every server in turn,
+    # in an order that rotates every round.
+    chunk = os.urandom(1 << 20)
+    images = {}
+    for i, s in enumerate(servers):
+        images[s] = os.path.join(work, f"bench{i}.raw")
+        with open(images[s], "wb") as f:
+            for _ in range(args.size_bytes >> 20):
+                f.write(chunk)
     results = {s: {w[0]: [] for w in WORKLOADS} for s in servers}
+    procs = {}
     try:
+        for s in servers:
+            port = free_port()
+            procs[s] = (start(s, images[s], port, work), f"nbd://127.0.0.1:{port}/bench")
         for r in range(args.rounds):
-            # Rotate the order every round so no server always goes first.
-            order = servers[r % len(servers):] + servers[:r % len(servers)]
-            for s in order:
-                port = free_port()
-                proc = start(s, image, port, work)
-                uri = f"nbd://127.0.0.1:{port}/bench"
-                try:
-                    for name, fn in WORKLOADS:
-                        v = fn(uri, args)
-                        results[s][name].append(v)
-                        print(f"round {r + 1} {s:<22} {name:<26} {v:12.1f}", file=sys.stderr)
-                finally:
-                    stop(proc, work)
+            for wi, (name, fn) in enumerate(WORKLOADS):
+                k = (r + wi) % len(servers)
+                for s in servers[k:] + servers[:k]:
+                    v = fn(procs[s][1], args)
+                    results[s][name].append(v)
+                    print(f"round {r + 1} {s:<22} {name:<26} {v:12.1f}", file=sys.stderr)
     finally:
+        for s, (p, _) in procs.items():
+            stop(p, work)
         shutil.rmtree(work, ignore_errors=True)
     med = {s: {w: statistics.median(v) for w, v in d.items()} for s, d in results.items()}
     if args.json:
         print(json.dumps({"medians": med, "raw": results}, indent=2))
         return
+    print(f"image {args.size_gib} GiB, {args.rounds} rounds, {args.runtime} s per fio run, "
+          f"medians; nproc={os.cpu_count()}, load before: {os.getloadavg()[0]:.1f}")
+    print()
     hdr = "| workload | " + " | ".join(servers) + " | us/nbdkit | us/qemu-nbd | 3 bitmaps/none |"
     print(hdr)
     print("|" + "---|" * (len(servers) + 4))

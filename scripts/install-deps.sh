@@ -5,7 +5,7 @@
 set -euo pipefail
 need=()
 for tool in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio \
-            nbdinfo:libnbd-bin nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs; do
+            nbdinfo:libnbd-bin nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs gcc:gcc; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 # busybox-static provides /bin/busybox as a static binary; the dynamic
@@ -20,6 +20,6 @@ if [ ${#need[@]} -gt 0 ] || ! command -v qemu-img >/dev/null 2>&1 || ! command -
   fi
   $SUDO apt-get install -y -qq --no-install-recommends qemu-utils
 fi
-for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio qemu-system-x86_64 busybox cpio mkfs.ext4 e2fsck; do
+for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio qemu-system-x86_64 busybox cpio mkfs.ext4 e2fsck gcc; do
   command -v "$t" >/dev/null || { echo "install-deps: $t is still missing after apt-get; install it by hand" >&2; exit 1; }
 done

@@ -586,6 +586,22 @@ impl EpochDisk {
         Ok(e)
     }
 
+    /// Wait until `epoch` and every earlier epoch are durable, closing
+    /// `epoch` first if it is still the open one. With the epoch returned by
+    /// [`DiskWrite::order`] this is a write-flush of exactly the writes
+    /// before that barrier: unlike [`EpochDisk::sync`] it adds no epoch
+    /// boundary of its own (which could split writes issued after the
+    /// barrier).
+    pub fn sync_epoch(&self, epoch: Epoch) -> BResult<()> {
+        {
+            let st = self.sh.st.lock();
+            if let Some(f) = &st.failed {
+                return Err(failed_err(f, "flush"));
+            }
+        }
+        self.fua(epoch)
+    }
+
     /// Stop the writer after making everything durable and applied; report
     /// whether the disk had failed.
     pub fn close(self) -> Result<(), JournalError> {

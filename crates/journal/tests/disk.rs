@@ -354,3 +354,28 @@ fn stop_while_shared_applies_everything_and_refuses_later_writes() {
     drop(shared);
     drop(d);
 }
+
+/// `sync_epoch` makes exactly the epochs up to the barrier durable and does
+/// not close the open epoch (unlike `sync`, which would split it).
+#[test]
+fn sync_epoch_waits_for_the_barrier_without_closing_the_open_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p, img) = raw(&dir, "e.img");
+    let (d, _) =
+        EpochDisk::open_path(img, &EpochDisk::journal_path(&p), ordered_long()).expect("open");
+    d.write_at(&[1u8; 4096], 0, WriteOpts::default())
+        .expect("write");
+    let e = d.order().expect("order");
+    d.write_at(&[2u8; 4096], 4096, WriteOpts::default())
+        .expect("write");
+    assert_eq!(d.durable_epoch(), 0, "ordered with a 1 h interval");
+    d.sync_epoch(e).expect("sync_epoch");
+    let st = d.stats();
+    assert_eq!(st.durable_epoch, e);
+    assert_eq!(st.current_epoch, e + 1, "the open epoch was closed");
+    // An epoch that is still open is closed first, then made durable.
+    d.sync_epoch(e + 1).expect("sync open epoch");
+    assert_eq!(d.durable_epoch(), e + 1);
+    d.stop().expect("stop");
+    assert!(d.sync_epoch(e + 5).is_err(), "after stop");
+}

@@ -32,7 +32,8 @@ pub mod xbzrle;
 mod zrle;
 
 pub use codec::{
-    CodecConfig, CodecError, Compression, Decoded, Decoder, Encoded, Encoder, KindCounts,
+    CodecConfig, CodecError, Compression, Decoded, Decoder, EncodeStats, Encoded, Encoder,
+    KindCounts,
 };
 pub use page::{PAGE_SIZE, Page};
 pub use replay::{ReplayOptions, ReplayReport, run as replay_run};

@@ -29,7 +29,7 @@ pub struct ReplayOptions {
     pub xbzrle_cache_bytes: u64,
     /// understudy control-section compression. Default: zstd level 1.
     pub control: Compression,
-    /// understudy literal-section compression. Default: LZ4.
+    /// understudy literal-section compression. Default: zstd level 1.
     pub literal: Compression,
     /// Replay at most this many images. Default: all.
     pub max_checkpoints: Option<usize>,
@@ -49,7 +49,7 @@ impl Default for ReplayOptions {
             store_budget_bytes: 64 << 20,
             xbzrle_cache_bytes: xbzrle::DEFAULT_CACHE_BYTES,
             control: Compression::Zstd(1),
-            literal: Compression::Lz4,
+            literal: Compression::Zstd(1),
             max_checkpoints: None,
             stride: 1,
             verify: true,
@@ -312,6 +312,8 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
     let mut tracker = DirtyTracker::new();
     let mut cur = Vec::new();
     let mut stream = Vec::new();
+    // Reused like `stream`: a long-running encoder keeps its output buffer.
+    let mut us_out = Vec::new();
     let mut rows = Vec::new();
     let mut decoded = crate::codec::Decoded::default();
     let mut steady_dirty = 0u64;
@@ -337,7 +339,6 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
         for (m, a) in acc.iter_mut().enumerate() {
             stream.clear();
             let t0 = thread_cpu_time();
-            let mut us_bytes = None;
             match m {
                 0 => baseline::encode_raw(&pages, &mut stream),
                 1 => {
@@ -360,7 +361,7 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
                 }
                 _ => {
                     let e = enc
-                        .encode(ck as u64, &pages)
+                        .encode_into(ck as u64, &pages, &mut us_out)
                         .map_err(|source| ReplayError::Codec {
                             checkpoint: ck,
                             source,
@@ -368,7 +369,6 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
                     if steady {
                         us_counts.add(&e.kinds);
                     }
-                    us_bytes = Some(e.bytes);
                 }
             }
             let t1 = thread_cpu_time();
@@ -389,17 +389,17 @@ pub fn run(trace_dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport, Repla
                     stream.len()
                 }
                 _ => {
-                    let bytes = us_bytes.take().unwrap_or_default();
-                    dec.decode_into(&bytes, &mut decoded)
-                        .map_err(|source| ReplayError::Codec {
+                    dec.decode_into(&us_out, &mut decoded).map_err(|source| {
+                        ReplayError::Codec {
                             checkpoint: ck,
                             source,
-                        })?;
+                        }
+                    })?;
                     for (pfn, p) in decoded.pages() {
                         let at = pfn as usize * PAGE_SIZE;
                         bk[at..at + PAGE_SIZE].copy_from_slice(p);
                     }
-                    bytes.len()
+                    us_out.len()
                 }
             };
             let t2 = thread_cpu_time();

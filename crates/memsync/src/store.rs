@@ -177,10 +177,8 @@ impl RefStore {
     /// already computed them.
     pub(crate) fn commit_with(&mut self, pfn: u64, page: &Page, fps: Option<&[u64; FP_CHUNKS]>) {
         let slot = match self.slot_of(pfn) {
-            Some(s) => {
-                self.unindex(s);
-                s
-            }
+            // Re-indexed below, only where the fingerprints changed.
+            Some(s) => s,
             None => {
                 let s = if self.len() < self.capacity {
                     let s = self.len();
@@ -206,11 +204,20 @@ impl RefStore {
         self.referenced[i] = true;
         self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(page);
         if let Some(ci) = &mut self.content {
-            let fps = fps.copied().unwrap_or_else(|| fingerprints(page));
-            for &fp in fps.iter().filter(|&&f| f != NO_FP) {
+            let new = fps.copied().unwrap_or_else(|| fingerprints(page));
+            let old = std::mem::replace(&mut ci.slot_fps[i], new);
+            // A page rewritten in place mostly keeps its fingerprints:
+            // remove only the ones that changed (a fresh or evicted slot
+            // has none left). The inserts below make "latest slot wins"
+            // hold for the unchanged ones too.
+            for (o, n) in old.iter().zip(&new) {
+                if o != n && *o != NO_FP && ci.map.get(o) == Some(&slot) {
+                    ci.map.remove(o);
+                }
+            }
+            for &fp in new.iter().filter(|&&f| f != NO_FP) {
                 ci.map.insert(fp, slot);
             }
-            ci.slot_fps[i] = fps;
         }
     }
 
@@ -307,6 +314,37 @@ mod tests {
         let sparse = Box::new([0u8; PAGE_SIZE]);
         s.candidates(78, &fingerprints(&sparse), &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn rewrite_in_place_reindexes_changed_chunks_and_latest_slot_wins() {
+        let mut s = RefStore::new(4, true);
+        let mut out = Vec::new();
+        s.commit(1, &page(3));
+        let a = s.slot_of(1).expect("stored");
+        // Rewrite chunk 0 in place: the old chunk-0 fingerprint must go,
+        // the new one must point at the slot.
+        let old = page(3);
+        let mut new = page(3);
+        new[..64].fill(0x77);
+        s.commit(1, &new);
+        assert_eq!(s.slot_of(1), Some(a));
+        let mut probe = Box::new([0u8; PAGE_SIZE]);
+        probe[..64].copy_from_slice(&old[..64]);
+        s.candidates(9, &fingerprints(&probe), &mut out);
+        assert!(out.is_empty(), "stale fingerprint of a rewritten chunk");
+        probe[..64].copy_from_slice(&new[..64]);
+        s.candidates(9, &fingerprints(&probe), &mut out);
+        assert_eq!(out, vec![a]);
+        // The same content committed at another page takes the index ...
+        s.commit(2, &new);
+        let b = s.slot_of(2).expect("stored");
+        s.candidates(9, &fingerprints(&new), &mut out);
+        assert_eq!(out, vec![b]);
+        // ... and rewriting page 1 with unchanged content takes it back.
+        s.commit(1, &new);
+        s.candidates(9, &fingerprints(&new), &mut out);
+        assert_eq!(out, vec![a]);
     }
 
     #[test]

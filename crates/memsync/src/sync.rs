@@ -181,6 +181,8 @@ pub struct Primary {
     next_seq: u64,
     ready: bool,
     buf: Vec<u8>,
+    /// Encoded checkpoint, reused (no fresh allocation per checkpoint).
+    wire: Vec<u8>,
 }
 
 impl Primary {
@@ -189,6 +191,7 @@ impl Primary {
         Self {
             cfg,
             enc: Encoder::new(cfg.codec),
+            wire: Vec::new(),
             acked: None,
             inflight: None,
             base: DirtyTracker::new(),
@@ -326,15 +329,18 @@ impl Primary {
         self.ready = false;
         let seq = self.next_seq;
         let pages = image::pages(image, dirty);
-        let enc = self.enc.encode(seq, &pages).map_err(SyncError::Codec)?;
+        let enc = self
+            .enc
+            .encode_into(seq, &pages, &mut self.wire)
+            .map_err(SyncError::Codec)?;
         let encode = t0.elapsed();
         self.inflight = Some((seq, next));
         let t1 = Instant::now();
         t.send_parts(
             MSG_CKPT_BEGIN,
-            &[&seq.to_le_bytes(), &(enc.bytes.len() as u64).to_le_bytes()],
+            &[&seq.to_le_bytes(), &(self.wire.len() as u64).to_le_bytes()],
         )?;
-        for chunk in enc.bytes.chunks(self.cfg.chunk_bytes.max(1)) {
+        for chunk in self.wire.chunks(self.cfg.chunk_bytes.max(1)) {
             t.send_parts(MSG_CKPT_DATA, &[chunk])?;
         }
         t.send_parts(MSG_CKPT_END, &[])?;
@@ -355,7 +361,7 @@ impl Primary {
         Ok(CheckpointReport {
             seq,
             dirty_pages: dirty.len() as u64,
-            wire_bytes: enc.bytes.len() as u64,
+            wire_bytes: self.wire.len() as u64,
             kinds: enc.kinds,
             encode,
             transfer,

@@ -134,7 +134,7 @@ proptest! {
         slots in 1u32..12,
         ckpts in proptest::collection::vec(proptest::collection::vec(op(24), 0..20), 1..6),
         ctrl in prop_oneof![Just(Compression::None), Just(Compression::Lz4), Just(Compression::Zstd(1))],
-        lit in prop_oneof![Just(Compression::None), Just(Compression::Lz4), Just(Compression::Zstd(3))],
+        lit in prop_oneof![Just(Compression::None), Just(Compression::Lz4), Just(Compression::Zstd(1)), Just(Compression::Zstd(3))],
     ) {
         let pages = 24;
         let mut c = cfg(pages as u64, slots);
@@ -142,12 +142,19 @@ proptest! {
         c.literal = lit;
         let mut enc = Encoder::new(c);
         let mut dec = Decoder::new(c);
+        // A second encoder writing into one reused, dirty buffer must
+        // produce the same bytes as the allocating path.
+        let mut enc2 = Encoder::new(c);
+        let mut reused = vec![0x5au8; 3 * PAGE_SIZE];
         let mut m = Mem::new(pages);
         for p in 0..pages {
             fill(p as u64 + 1, &mut m.page_mut(p)[..(p * 97) % PAGE_SIZE]);
         }
         let mut backup = vec![0xa5u8; m.img.len()];
         let e = enc.encode(0, &m.all()).expect("encode");
+        let st = enc2.encode_into(0, &m.all(), &mut reused).expect("encode_into");
+        prop_assert_eq!(&reused, &e.bytes);
+        prop_assert_eq!(st.kinds, e.kinds);
         apply(&mut backup, &dec.decode(&e.bytes).expect("decode"));
         prop_assert_eq!(&backup, &m.img);
         for (seq, ops) in ckpts.iter().enumerate() {
@@ -155,6 +162,9 @@ proptest! {
             dirty.sort_unstable();
             dirty.dedup();
             let e = enc.encode(seq as u64 + 1, &m.list(&dirty)).expect("encode");
+            let st = enc2.encode_into(seq as u64 + 1, &m.list(&dirty), &mut reused).expect("encode_into");
+            prop_assert_eq!(&reused, &e.bytes);
+            prop_assert_eq!((st.control_raw, st.literal_raw), (e.control_raw, e.literal_raw));
             prop_assert_eq!(e.kinds.total(), dirty.len() as u64);
             let d = dec.decode(&e.bytes).expect("decode");
             prop_assert_eq!(d.kinds, e.kinds);
@@ -301,4 +311,42 @@ fn checksum_catches_diverged_stores() {
         Err(CodecError::ChecksumMismatch { seq: 1 })
     ));
     assert!(dec.decode(&e.bytes).is_ok());
+}
+
+/// The default literal method is zstd; a literal section zstd cannot shrink
+/// (fresh random pages) is stored instead, and both decode.
+#[test]
+fn literal_section_is_zstd_by_default_and_stored_when_incompressible() {
+    let c = cfg(8, 16);
+    assert_eq!(c.literal, Compression::Zstd(1));
+    let mut enc = Encoder::new(c);
+    let mut dec = Decoder::new(c);
+    let mut m = Mem::new(8);
+    // Text-like pages: compressible, no base anywhere.
+    for p in 0..4 {
+        for (i, b) in m.page_mut(p).iter_mut().enumerate() {
+            *b = b"the quick brown fox jumps over the lazy dog "[(i * (p + 1)) % 44];
+        }
+    }
+    let e = enc.encode(0, &m.list(&[0, 1, 2, 3])).expect("encode");
+    assert_eq!(e.kinds.literal, 4);
+    assert_eq!(e.bytes[6], 2, "literal section compressed with zstd");
+    assert!(e.bytes.len() < PAGE_SIZE, "4 text pages shrink well");
+    assert_eq!(
+        dec.decode(&e.bytes).expect("decode").data,
+        m.img[..4 * PAGE_SIZE]
+    );
+    // Fresh random pages: zstd does not help, the section is stored.
+    for p in 4..8 {
+        fill(p as u64 * 31 + 7, m.page_mut(p));
+    }
+    let e = enc.encode(1, &m.list(&[4, 5, 6, 7])).expect("encode");
+    assert_eq!(e.kinds.literal, 4);
+    assert_eq!(e.bytes[6], 0, "incompressible literal section is stored");
+    assert_eq!(e.literal_raw, 4 * PAGE_SIZE);
+    assert_eq!(
+        dec.decode(&e.bytes).expect("decode").data,
+        m.img[4 * PAGE_SIZE..]
+    );
+    assert_eq!(enc.store().digest(), dec.store().digest());
 }

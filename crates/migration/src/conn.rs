@@ -204,6 +204,14 @@ impl Conn {
     }
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Nothing forwards over this link any more: let the target's
+        // session end instead of idling on keepalives.
+        let _ = self.tx.close("migration link no longer needed");
+    }
+}
+
 /// The new owner's disk, reached over the migration link: what a handed-over
 /// export forwards its remaining clients' requests to.
 #[derive(Debug, Clone)]

@@ -984,6 +984,7 @@ fn run_session(
         }
     };
     fault(opts, Phase::Switchover);
+    let t_final = hold.since().elapsed();
     let new_gen = rec.generation + 1;
     let commit_id = conn.next_id();
     let commit = conn.request_borrowed(
@@ -1013,7 +1014,14 @@ fn run_session(
             return Err(e);
         }
     }
+    let t_commit = hold.since().elapsed();
     let downtime = hold.release(Route::Forward(Arc::new(RemoteDisk::new(conn.clone()))));
+    tracing::debug!(
+        export = %export.name,
+        drain_and_final_copy_us = t_final.as_micros() as u64,
+        commit_us = (t_commit - t_final).as_micros() as u64,
+        "switch-over timing"
+    );
     drop(session);
     p_taken.commit();
     q.commit();

@@ -86,7 +86,7 @@ impl Hold<'_> {
         held
     }
 
-    /// When the hold started (all in-flight requests had drained).
+    /// When the hold started (new requests were held from then on).
     pub fn since(&self) -> Instant {
         self.since
     }
@@ -125,10 +125,13 @@ impl SwitchDisk {
     /// Hold new requests and wait up to `drain` for in-flight ones. `None`
     /// if they did not drain in time (nothing is held then).
     pub fn hold(&self, drain: Duration) -> Option<Hold<'_>> {
+        // New requests block from the moment we wait (the lock prefers
+        // writers), so the hold, and the downtime, starts here.
+        let since = Instant::now();
         let guard = self.route.try_write_for(drain)?;
         Some(Hold {
             guard,
-            since: Instant::now(),
+            since,
             owner: self,
         })
     }

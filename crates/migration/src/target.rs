@@ -111,7 +111,7 @@ impl TargetService {
         let local = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let busy: Arc<Busy> = Arc::default();
         let thread = std::thread::Builder::new()
             .name("migrate-accept".into())
             .spawn(move || {
@@ -231,13 +231,25 @@ fn mark_inner(b: &understudy_bitmap::DirtyBitmap, off: u64, len: u64) {
 
 /// Marks a name as being received until dropped (at the commit or the end
 /// of the session).
-struct Unbusy<'a>(&'a Mutex<HashSet<String>>, String);
+struct Unbusy<'a>(&'a Busy, String);
 
 impl Drop for Unbusy<'_> {
     fn drop(&mut self) {
-        self.0.lock().remove(&self.1);
+        self.0.names.lock().remove(&self.1);
+        self.0.freed.notify_all();
     }
 }
+
+/// Names being received, so two sessions never write one image.
+#[derive(Debug, Default)]
+pub struct Busy {
+    names: Mutex<HashSet<String>>,
+    freed: parking_lot::Condvar,
+}
+
+/// How long a new session waits for an earlier one of the same name to
+/// notice that its link is gone (a retry usually comes right after a cut).
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Receiving<'a> {
     busy: Option<Unbusy<'a>>,
@@ -372,7 +384,7 @@ pub fn receive(
     mut link: Link,
     cfg: &TargetConfig,
     hooks: &dyn TargetHooks,
-    busy: &Mutex<HashSet<String>>,
+    busy: &Busy,
 ) -> Result<(), TargetError> {
     let source_node = link.peer().node_id.clone();
     let f = link.recv().map_err(|source| TargetError::Link { source })?;
@@ -397,7 +409,19 @@ pub fn receive(
             ),
         ));
     }
-    if !busy.lock().insert(hello.name.clone()) {
+    let claimed = {
+        let deadline = std::time::Instant::now() + BUSY_WAIT;
+        let mut names = busy.names.lock();
+        loop {
+            if names.insert(hello.name.clone()) {
+                break true;
+            }
+            if busy.freed.wait_until(&mut names, deadline).timed_out() {
+                break names.insert(hello.name.clone());
+            }
+        }
+    };
+    if !claimed {
         return Err(refuse(
             &link,
             format!(
@@ -507,6 +531,18 @@ pub fn receive(
         }
         // Marked by hand after each flush, never by the filter.
         store.disable(RECEIVED_BITMAP).map_err(|e| e.to_string())?;
+        // What changes here after the commit, relative to the source;
+        // enabled at the commit.
+        let peer_bm = peer_bitmap_name(&source_node);
+        if store.get(&peer_bm).is_some() {
+            store.disable(&peer_bm).map_err(|e| e.to_string())?;
+            store.clear(&peer_bm).map_err(|e| e.to_string())?;
+        } else {
+            store
+                .add(&peer_bm, understudy_bitmap::DEFAULT_GRANULARITY)
+                .map_err(|e| e.to_string())?;
+            store.disable(&peer_bm).map_err(|e| e.to_string())?;
+        }
         Ok(())
     })();
     if let Err(e) = prepared {
@@ -674,7 +710,10 @@ fn session_loop(
                 }
             }
             Msg::Commit { id, generation } if !r.committed => match commit(r, generation, hooks) {
-                Ok(()) => reply(link, id, code::OK, &[])?,
+                Ok(()) => {
+                    reply(link, id, code::OK, &[])?;
+                    after_commit(r);
+                }
                 Err((c, m)) => reply(link, id, c, m.as_bytes())?,
             },
             Msg::HashReq {
@@ -790,21 +829,23 @@ fn commit(
     generation: u64,
     hooks: &dyn TargetHooks,
 ) -> Result<(), (u32, String)> {
-    flush_progress(r)?;
+    let t0 = std::time::Instant::now();
+    if let Some(s) = &r.sticky {
+        return Err(s.clone());
+    }
+    // Data durable. (The progress bitmap is not worth a sync any more.)
+    r.export
+        .filter
+        .flush()
+        .map_err(|e| (reply_code(&e), block_msg(&e)))?;
+    let t_flush = t0.elapsed();
     let store = &r.export.store;
     let io = |e: &dyn std::error::Error| (code::IO, crate::source::error_chain(e));
     let peer_bm = peer_bitmap_name(&r.source_node);
-    if store.get(&peer_bm).is_some() {
-        store.clear(&peer_bm).map_err(|e| io(&e))?;
-        store.enable(&peer_bm).map_err(|e| io(&e))?;
-    } else {
-        store
-            .add(&peer_bm, understudy_bitmap::DEFAULT_GRANULARITY)
-            .map_err(|e| io(&e))?;
-    }
-    if store.get(RECEIVED_BITMAP).is_some() {
-        store.remove(RECEIVED_BITMAP).map_err(|e| io(&e))?;
-    }
+    // Prepared (cleared, disabled) when the session started; enabling is
+    // durable before the record names it.
+    store.enable(&peer_bm).map_err(|e| io(&e))?;
+    let t_bitmap = t0.elapsed();
     r.rec.generation = generation;
     r.rec.state = OwnerState::Owner { migrating: None };
     r.rec.name = r.export.name.clone();
@@ -819,8 +860,22 @@ fn commit(
     r.busy = None;
     r.export.switch.set_route(Route::Local);
     hooks.serve(r.export.clone(), r.persister.take());
-    tracing::info!(export = %r.export.name, generation, from = %r.source_node, "took ownership");
+    tracing::info!(
+        export = %r.export.name, generation, from = %r.source_node,
+        flush_us = t_flush.as_micros() as u64, bitmap_us = t_bitmap.as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "took ownership"
+    );
     Ok(())
+}
+
+/// After the commit answer: forget the progress record.
+fn after_commit(r: &Receiving<'_>) {
+    if r.export.store.get(RECEIVED_BITMAP).is_some()
+        && let Err(e) = r.export.store.remove(RECEIVED_BITMAP)
+    {
+        tracing::warn!(export = %r.export.name, "cannot drop the progress bitmap: {e}");
+    }
 }
 
 fn hash_blocks(

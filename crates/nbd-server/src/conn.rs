@@ -366,6 +366,12 @@ impl Conn {
                     op: Op::Order { .. },
                     ..
                 }) => barrier = Some(self.order_barrier()),
+                // With the extension, FLUSH is a barrier in receive order
+                // too: closing the epoch later, from a worker, could split
+                // the requests received after it.
+                Ok(ValidRequest { op: Op::Flush, .. }) if self.info.order => {
+                    barrier = Some(self.order_barrier())
+                }
                 Ok(ValidRequest {
                     op: Op::Write { .. } | Op::WriteZeroes { .. } | Op::Trim { .. },
                     ..
@@ -387,6 +393,13 @@ impl Conn {
                         None => t.disk.order(),
                     };
                     dispatch::order(&t, &mut w, cookie, fua, barrier)
+                }
+                Ok(ValidRequest {
+                    cookie,
+                    op: Op::Flush,
+                }) if barrier.is_some() => {
+                    let barrier = barrier.unwrap_or_else(|| t.disk.order());
+                    dispatch::flush_barrier(&t, &mut w, cookie, barrier)
                 }
                 Ok(v) => {
                     let r = dispatch::execute(&t, &mut w, v);

@@ -282,14 +282,39 @@ pub(crate) fn order(
     barrier: understudy_block::Result<Epoch>,
 ) -> ReplyBuf {
     bump(&t.stats.orders, 1);
-    if let Err(e) = barrier {
-        return io_fail(t, w, cookie, &e, true);
-    }
-    if fua {
+    finish_barrier(t, w, cookie, fua, barrier)
+}
+
+/// Finish a `FLUSH` that was taken as a barrier in the receive loop (on a
+/// connection that negotiated `understudy:order`): durable exports then
+/// wait for the barrier's epoch, ordered ones are done.
+pub(crate) fn flush_barrier(
+    t: &Target<'_>,
+    w: &mut Worker,
+    cookie: u64,
+    barrier: understudy_block::Result<Epoch>,
+) -> ReplyBuf {
+    bump(&t.stats.flushes, 1);
+    let durable = t.ordering.is_none_or(|o| o.flush_is_durable());
+    finish_barrier(t, w, cookie, durable, barrier)
+}
+
+fn finish_barrier(
+    t: &Target<'_>,
+    w: &mut Worker,
+    cookie: u64,
+    durable: bool,
+    barrier: understudy_block::Result<Epoch>,
+) -> ReplyBuf {
+    let epoch = match barrier {
+        Ok(e) => e,
+        Err(e) => return io_fail(t, w, cookie, &e, true),
+    };
+    if durable {
         // Without an ordering source the export never offers ORDER; a
         // full flush is still a correct write-flush.
         let synced = match t.ordering {
-            Some(o) => o.sync(),
+            Some(o) => o.sync_epoch(epoch),
             None => t.disk.flush(),
         };
         if let Err(e) = synced {

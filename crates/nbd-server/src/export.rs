@@ -5,7 +5,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use understudy_block::Disk;
+use understudy_block::{Disk, Epoch};
 use understudy_nbd_proto::meta::QEMU_DIRTY_BITMAP_PREFIX;
 use understudy_nbd_proto::wire::*;
 use understudy_nbd_proto::{
@@ -25,13 +25,17 @@ pub trait DirtyMapSource: Send + Sync + Debug {
 }
 
 /// The write-order extension of an export (`understudy:order`, see
-/// `docs/ordering.md`). The barrier itself is [`Disk::order`]
-/// (`understudy_block::DiskWrite::order`) on the export's disk; this adds
-/// the write-flush that `ORDER` with `FUA` needs whatever the disk's flush
-/// policy (under an ordered policy `flush` only orders).
+/// `docs/ordering.md`). The barrier itself is `Disk::order` on the export's
+/// disk, taken in request-receive order; this adds durability for a given
+/// barrier without closing another epoch (which could split the requests
+/// received after it).
 pub trait OrderSupport: Send + Sync + Debug {
-    /// Return once every write completed before the call is durable.
-    fn sync(&self) -> understudy_block::Result<()>;
+    /// Return once `epoch` (as returned by `Disk::order`) and every earlier
+    /// epoch are durable: the write-flush of `ORDER` with `FUA`.
+    fn sync_epoch(&self, epoch: Epoch) -> understudy_block::Result<()>;
+    /// Whether NBD `FLUSH` must also wait for durability (`flush=durable`)
+    /// or only orders (`flush=ordered`).
+    fn flush_is_durable(&self) -> bool;
 }
 
 /// One named disk offered over NBD.
@@ -407,8 +411,11 @@ mod tests {
     #[derive(Debug)]
     struct NoSync;
     impl OrderSupport for NoSync {
-        fn sync(&self) -> understudy_block::Result<()> {
+        fn sync_epoch(&self, _: Epoch) -> understudy_block::Result<()> {
             Ok(())
+        }
+        fn flush_is_durable(&self) -> bool {
+            true
         }
     }
 

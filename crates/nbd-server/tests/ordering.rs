@@ -119,22 +119,29 @@ impl Disk for LogDisk {
     }
 }
 
-/// Counts write-flushes; can be told to fail.
+/// Counts write-flushes (and remembers the last epoch); can be told to
+/// fail, and to treat FLUSH as ordering only.
 #[derive(Debug, Default)]
 struct Syncs {
     n: AtomicU64,
+    last: AtomicU64,
     fail: AtomicBool,
+    flush_orders_only: AtomicBool,
 }
 
 impl OrderSupport for Syncs {
-    fn sync(&self) -> understudy_block::Result<()> {
+    fn sync_epoch(&self, epoch: Epoch) -> understudy_block::Result<()> {
         if self.fail.load(Ordering::Relaxed) {
             return Err(BlockError::Flush {
                 source: std::io::Error::other("journal fsync failed (test)"),
             });
         }
         self.n.fetch_add(1, Ordering::SeqCst);
+        self.last.store(epoch, Ordering::SeqCst);
         Ok(())
+    }
+    fn flush_is_durable(&self) -> bool {
+        !self.flush_orders_only.load(Ordering::Relaxed)
     }
 }
 
@@ -210,6 +217,49 @@ fn order_splits_pipelined_writes_in_receive_order() {
     assert_eq!(srv.server.stats().orders, 1);
 }
 
+/// On a connection that negotiated the extension, FLUSH closes the epoch in
+/// receive order as well (so it cannot split the writes pipelined after
+/// it), then waits for exactly that epoch, or not at all under an ordered
+/// flush policy.
+#[test]
+fn flush_is_a_receive_order_barrier_with_the_extension() {
+    let (srv, disk, syncs) = server();
+    disk.write_delay_ms.store(40, Ordering::Relaxed);
+    let (mut c, _, _) = RawClient::connect_go(&srv.addr(), "j", true, &["understudy:order"]);
+    for tag in 1..=3u8 {
+        write(&mut c, u64::from(tag), u64::from(tag) * 4096, tag);
+    }
+    c.request(CMD_FLUSH, 0, 100, 0, 0);
+    for tag in 4..=6u8 {
+        write(&mut c, u64::from(tag), u64::from(tag) * 4096, tag);
+    }
+    let r = replies(&mut c, 7);
+    assert!(r.values().all(|&e| e == 0), "{r:?}");
+    let log = disk.log.lock().clone();
+    let at = |ev: Ev| log.iter().position(|&e| e == ev).unwrap();
+    let order = at(Ev::Order(1));
+    assert!((1..=3).all(|t| at(Ev::WriteEnd(t)) < order), "{log:?}");
+    assert!((4..=6).all(|t| at(Ev::WriteStart(t)) > order), "{log:?}");
+    assert_eq!(syncs.n.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        syncs.last.load(Ordering::SeqCst),
+        1,
+        "waited for its own epoch"
+    );
+    // Ordered policy: FLUSH orders and returns without a sync.
+    syncs.flush_orders_only.store(true, Ordering::Relaxed);
+    c.request(CMD_FLUSH, 0, 200, 0, 0);
+    assert_eq!(c.simple_reply(), (0, 200));
+    assert_eq!(disk.epoch.load(Ordering::SeqCst), 2);
+    assert_eq!(syncs.n.load(Ordering::SeqCst), 1);
+    // A standard connection's FLUSH is the plain `Disk::flush` (no barrier).
+    let (mut s, _, _) = RawClient::connect_go(&srv.addr(), "j", false, &[]);
+    s.request(CMD_FLUSH, 0, 300, 0, 0);
+    assert_eq!(s.simple_reply(), (0, 300));
+    assert_eq!(disk.epoch.load(Ordering::SeqCst), 2);
+    assert_eq!(srv.server.stats().flushes, 3);
+}
+
 #[test]
 fn order_with_fua_is_a_write_flush_and_errors_are_eio() {
     let (srv, disk, syncs) = server();
@@ -220,6 +270,7 @@ fn order_with_fua_is_a_write_flush_and_errors_are_eio() {
     c.request(CMD_ORDER, CMD_FLAG_FUA, 2, 0, 0);
     assert_eq!(c.simple_reply(), (0, 2));
     assert_eq!(syncs.n.load(Ordering::SeqCst), 1);
+    assert_eq!(syncs.last.load(Ordering::SeqCst), 1);
     assert_eq!(disk.epoch.load(Ordering::SeqCst), 1);
 
     // Bad arguments: EINVAL as a structured error chunk, nothing ordered.

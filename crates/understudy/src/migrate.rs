@@ -103,7 +103,6 @@ pub struct Manager {
     exports: Mutex<HashMap<String, SourceExport>>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     peer: Option<PeerConfig>,
-    target_cfg: Option<TargetConfig>,
     target: Mutex<Option<TargetService>>,
     persisters: Mutex<Vec<Persister>>,
     /// Exports served from the migration directory (closed at shutdown).
@@ -174,7 +173,6 @@ impl Manager {
             exports: Mutex::new(exports.into_iter().map(|e| (e.name.clone(), e)).collect()),
             jobs: Mutex::default(),
             peer,
-            target_cfg: target_cfg.clone(),
             target: Mutex::default(),
             persisters: Mutex::default(),
             received: Mutex::default(),

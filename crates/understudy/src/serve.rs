@@ -39,9 +39,8 @@ pub struct ServeArgs {
     /// Unix socket path to listen on (repeatable).
     #[arg(long)]
     pub socket: Vec<PathBuf>,
-    /// An export: name=NAME,path=IMAGE[,format=raw|qcow2][,readonly][,bitmap=NAME[:GRANULARITY]]
-    /// [,journal=on|off][,flush=durable|ordered[:INTERVAL]][,journal-size=SIZE][,in-place-min=SIZE]
-    /// (repeatable). A bitmap named here is created on the first start and
+    /// An export: name=NAME,path=IMAGE[,format=raw|qcow2][,readonly][,bitmap=NAME[:GRANULARITY]][,journal=on|off]
+    /// [,flush=durable|ordered[:INTERVAL]][,journal-size=SIZE][,in-place-min=SIZE] (repeatable). A bitmap named here is created on the first start and
     /// reopened with its contents on every later start.
     ///
     /// journal=on puts an epoch journal (IMAGE.journal, keep it beside the
@@ -90,24 +89,25 @@ struct ExportState {
     migratable: Option<understudy_migration::SourceExport>,
 }
 
-/// Write-flush for `NBD_CMD_ORDER` with FUA, whatever the flush policy.
+/// Durability for `NBD_CMD_ORDER` with FUA (and for FLUSH on connections
+/// that negotiated ordering), whatever the flush policy.
 #[derive(Debug)]
-struct JournalSync(Arc<EpochDisk>);
+struct JournalSync(Arc<EpochDisk>, bool);
 
 impl OrderSupport for JournalSync {
-    fn sync(&self) -> understudy_block::Result<()> {
-        self.0.sync().map(drop)
+    fn sync_epoch(&self, epoch: understudy_block::Epoch) -> understudy_block::Result<()> {
+        self.0.sync_epoch(epoch)
+    }
+    fn flush_is_durable(&self) -> bool {
+        self.1
     }
 }
 
 /// Open (and recover) the epoch journal beside the image when the spec
-/// asks for one; returns the disk to build on and the journal.
-fn open_journal(
-    spec: &ExportSpec,
-    inner: Arc<dyn Disk>,
-) -> Result<(Arc<dyn Disk>, Option<Arc<EpochDisk>>)> {
+/// asks for one.
+fn open_journal(spec: &ExportSpec, inner: &Arc<dyn Disk>) -> Result<Option<Arc<EpochDisk>>> {
     let Some(j) = &spec.journal else {
-        return Ok((inner, None));
+        return Ok(None);
     };
     let path = EpochDisk::journal_path(&spec.path);
     let policy = match j.flush {
@@ -119,7 +119,7 @@ fn open_journal(
         policy,
         in_place_min: j.in_place_min,
     };
-    let (disk, report) = EpochDisk::open_path(inner, &path, cfg).with_context(|| {
+    let (disk, report) = EpochDisk::open_path(inner.clone(), &path, cfg).with_context(|| {
         format!(
             "opening the journal {} of export {:?}",
             path.display(),
@@ -145,8 +145,7 @@ fn open_journal(
             "epoch journal open"
         );
     }
-    let disk = Arc::new(disk);
-    Ok((disk.clone(), Some(disk)))
+    Ok(Some(Arc::new(disk)))
 }
 
 /// Offers a bitmap store's bitmaps as `qemu:dirty-bitmap:NAME` contexts.
@@ -216,7 +215,11 @@ fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
             migratable: None,
         });
     }
-    let (inner, journal) = open_journal(spec, inner)?;
+    let journal = open_journal(spec, &inner)?;
+    let inner: Arc<dyn Disk> = match &journal {
+        Some(j) => j.clone(),
+        None => inner,
+    };
     let intent_extent_size = parse_size(&args.intent_extent)?;
     let store = BitmapStore::open(
         &spec.path,
@@ -302,7 +305,12 @@ impl Daemon {
                 e = e.with_dirty(Arc::new(StoreDirtyMap(store.clone())));
             }
             if let Some(j) = &st.journal {
-                e = e.with_ordering(Arc::new(JournalSync(j.clone())));
+                let durable = st
+                    .spec
+                    .journal
+                    .as_ref()
+                    .is_some_and(|s| s.flush == FlushMode::Durable);
+                e = e.with_ordering(Arc::new(JournalSync(j.clone(), durable)));
             }
             nbd.exports().insert(e);
         }
@@ -610,14 +618,17 @@ impl Daemon {
 
 /// Run `understudy serve` until SIGINT/SIGTERM or `server.stop`.
 pub fn run(args: ServeArgs) -> Result<()> {
-    let daemon = Daemon::start(&args)?;
-    let control = ControlServer::start(&args.control, daemon.clone())?;
-    let d2 = daemon.clone();
+    // Handlers first: a SIGTERM that arrives while images are opened or
+    // recovered is queued and honoured once serving starts, instead of
+    // killing the process half-way.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .context("installing signal handlers")?;
+    let daemon = Daemon::start(&args)?;
+    let control = ControlServer::start(&args.control, daemon.clone())?;
+    let d2 = daemon.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

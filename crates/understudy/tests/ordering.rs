@@ -27,8 +27,10 @@ fn image(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
     p
 }
 
+/// qemu-io with a write-back cache: its default (writethrough) sends every
+/// write with FUA, which would make every write durable.
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut args = vec!["-f", "raw"];
+    let mut args = vec!["-f", "raw", "-t", "writeback"];
     for c in cmds {
         args.extend(["-c", c]);
     }
@@ -48,6 +50,23 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
         "qemu-io {cmds:?} reported a problem:\n{text}"
     );
     text
+}
+
+/// Start a killed server again and wait until it has installed its signal
+/// handlers: the control socket file of the killed process is still there,
+/// so `Server::start` may return before a SIGTERM would be handled.
+fn start_again(r: common::Restart, dir: &Path) -> Server {
+    let srv = r.start(dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !srv.log_text().contains("serving NBD on") {
+        assert!(
+            Instant::now() < deadline,
+            "restart did not finish: {}",
+            srv.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    srv
 }
 
 fn read_file(path: &Path, offset: u64, len: usize) -> Vec<u8> {
@@ -231,7 +250,7 @@ fn ordered_export_after_kill_9_keeps_fua_writes_and_drops_later_ones() {
     );
     let restart = srv.restart_args_for_check();
     srv.kill9();
-    let srv = restart.start(dir.path());
+    let srv = start_again(restart, dir.path());
     assert!(
         srv.log_text().contains("journal recovery dropped"),
         "{}",
@@ -323,7 +342,7 @@ fn raw_client_orders_pipelined_writes_on_a_durable_journal() {
     // ORDER+FUA was acknowledged: a kill -9 now must keep everything.
     let restart = srv.restart_args_for_check();
     srv.kill9();
-    let srv = restart.start(dir.path());
+    let srv = start_again(restart, dir.path());
     assert!(srv.stop());
     assert!(read_file(&img, 0, 512).iter().all(|&b| b == 0xcc));
     assert!(read_file(&img, 512, 3584).iter().all(|&b| b == 1));
@@ -458,9 +477,11 @@ fn crash_round(flush: &str, mode: Durability, kill_after: Duration) -> (u64, u64
     let replies = reader.join().unwrap();
     assert!(replies > 0);
     let last_acked = acked.load(Ordering::SeqCst);
-    let srv = restart.expect("the server was killed").start(dir.path());
-    let log = srv.log_text();
-    assert!(srv.stop(), "clean stop after recovery failed");
+    let srv = start_again(restart.expect("the server was killed"), dir.path());
+    let log_path = srv.log.clone();
+    let stopped = srv.stop();
+    let log = std::fs::read_to_string(log_path).unwrap_or_default();
+    assert!(stopped, "clean stop after recovery failed:\n{log}");
     let disk = read_file(&img, 0, CRASH_DISK as usize);
     let k = if disk[..BLOCK].iter().all(|&b| b == 0) {
         0
@@ -473,14 +494,31 @@ fn crash_round(flush: &str, mode: Durability, kill_after: Duration) -> (u64, u64
         "recovered epoch {k} is older than the last acknowledged durability point {last_acked}"
     );
     assert!(k <= sent, "recovered epoch {k} was never sent ({sent})");
-    if disk != model(k) {
-        let first_bad = disk
+    let want = model(k);
+    if disk != want {
+        let tag = |b: &[u8]| {
+            if b.iter().all(|&x| x == 0) {
+                "zeroes".to_string()
+            } else if &b[..8] == b"UNDREPCH" {
+                format!(
+                    "epoch {} block {}",
+                    u64::from_le_bytes(b[8..16].try_into().unwrap()),
+                    u64::from_le_bytes(b[16..24].try_into().unwrap())
+                )
+            } else {
+                "garbage".to_string()
+            }
+        };
+        let bad: Vec<String> = disk
             .chunks(BLOCK)
-            .zip(model(k).chunks(BLOCK))
-            .position(|(a, b)| a != b)
-            .unwrap();
+            .zip(want.chunks(BLOCK))
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .take(8)
+            .map(|(i, (a, b))| format!("block {i}: has {} want {}", tag(a), tag(b)))
+            .collect();
         panic!(
-            "the image is not exactly epochs 1..={k}: block {first_bad} differs (sent {sent}, acked {last_acked})"
+            "{flush}: the image is not exactly epochs 1..={k} (sent {sent}, acked {last_acked}): {bad:?}\nrecovery log:\n{log}"
         );
     }
     (k, last_acked, sent)

@@ -69,6 +69,9 @@ impl Server {
     }
 
     fn start_args(dir: &Path, port: u16, control: PathBuf, args: Vec<String>) -> Server {
+        // A killed server leaves its socket file behind; readiness below
+        // waits for the new server to create it again.
+        let _ = std::fs::remove_file(&control);
         let log = dir.join(format!("server-{port}.log"));
         let logf = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin())

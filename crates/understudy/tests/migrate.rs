@@ -1,0 +1,262 @@
+//! `understudy migrate` between two real daemons on loopback, with a real
+//! NBD client (qemu-io) connected to the source across the switch-over.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const KEY_HEX: &str = "3f9c1a7e5b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e";
+
+fn key(dir: &Path, name: &str, hex: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{hex}\n")).unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    p.display().to_string()
+}
+
+fn qemu_io(target: &str, cmds: &[String]) -> std::process::Output {
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(target.into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_raw("qemu-io", &a)
+}
+
+fn qemu_io_ok(target: &str, cmds: &[String]) {
+    let out = qemu_io(target, cmds);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "qemu-io {target}: {text}"
+    );
+}
+
+fn compare(a: &Path, b: &Path) {
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+}
+
+struct Pair {
+    a: Server,
+    b: Server,
+    b_peer: String,
+    img: std::path::PathBuf,
+    expected: std::path::PathBuf,
+    b_img: std::path::PathBuf,
+}
+
+fn pair(dir: &Path) -> Pair {
+    let k = key(dir, "peer.key", KEY_HEX);
+    let img = dir.join("vm.img");
+    run(
+        "qemu-img",
+        &["create", "-f", "raw", img.to_str().unwrap(), "24M"],
+    );
+    qemu_io_ok(
+        img.to_str().unwrap(),
+        &["write -P 0x5a 0 3M".into(), "write -P 0x6b 10M 2M".into()],
+    );
+    let expected = dir.join("expected.img");
+    std::fs::copy(&img, &expected).unwrap();
+    let a_peer = format!("127.0.0.1:{}", free_port());
+    let a = Server::start(
+        dir,
+        &[
+            "--export",
+            &format!("name=vm,path={}", img.display()),
+            "--peer-key",
+            &k,
+            "--node-id",
+            "node-a",
+            "--accept-migrations",
+            dir.join("a-in").to_str().unwrap(),
+            "--peer-listen",
+            &a_peer,
+        ],
+    );
+    let b_peer = format!("127.0.0.1:{}", free_port());
+    let b = Server::start(
+        dir,
+        &[
+            "--accept-migrations",
+            dir.join("b-in").to_str().unwrap(),
+            "--peer-listen",
+            &b_peer,
+            "--peer-key",
+            &k,
+            "--node-id",
+            "node-b",
+        ],
+    );
+    let b_img = dir.join("b-in").join("vm.img");
+    Pair {
+        a,
+        b,
+        b_peer,
+        img,
+        expected,
+        b_img,
+    }
+}
+
+#[test]
+fn migrate_with_a_connected_client_then_back_incrementally() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pair(tmp.path());
+    // A client connected to A through the whole migration: writes, sleeps,
+    // and finally reads back what it wrote.
+    let mut cmds = Vec::new();
+    for i in 0..120u64 {
+        cmds.push(format!(
+            "write -P {} {} 64k",
+            i % 200 + 1,
+            (i * 7 % 300) * 65536
+        ));
+        cmds.push("sleep 5".into());
+    }
+    for i in 0..120u64 {
+        // Only the last write of each offset is checked.
+        if (i + 1..120).all(|j| j * 7 % 300 != i * 7 % 300) {
+            cmds.push(format!(
+                "read -P {} {} 64k",
+                i % 200 + 1,
+                (i * 7 % 300) * 65536
+            ));
+        }
+    }
+    let uri = p.a.uri("vm");
+    let c2 = cmds.clone();
+    let writer = std::thread::spawn(move || qemu_io_ok(&uri, &c2));
+    std::thread::sleep(Duration::from_millis(200));
+    let out =
+        p.a.ctl_ok(&["migrate", "vm", "--to", &p.b_peer, "--json", "--verify"]);
+    let last: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("JSON lines")).unwrap();
+    assert_eq!(last["phase"], "completed", "{out}");
+    assert_eq!(last["start"], "fresh");
+    assert!(last["downtime_ms"].as_f64().unwrap() < 1000.0, "{last}");
+    assert!(last["verified_blocks"].as_u64().unwrap() > 0, "{last}");
+    assert_eq!(last["mismatched_blocks"], 0);
+    writer.join().unwrap();
+    let w: Vec<String> = cmds
+        .iter()
+        .filter(|c| c.starts_with("write"))
+        .cloned()
+        .collect();
+    qemu_io_ok(p.expected.to_str().unwrap(), &w);
+    compare(&p.expected, &p.b_img);
+    // New clients: A no longer offers the export, B does.
+    assert!(
+        !qemu_io(&p.a.uri("vm"), &["read 0 4k".into()])
+            .status
+            .success()
+    );
+    qemu_io_ok(&p.b.uri("vm"), &["read -P 0x6b 10M 64k".into()]);
+
+    // Change a little on B, then move it back to A: only that is sent.
+    qemu_io_ok(&p.b.uri("vm"), &["write -P 0x33 20M 128k".into()]);
+    qemu_io_ok(
+        p.expected.to_str().unwrap(),
+        &["write -P 0x33 20M 128k".into()],
+    );
+    let a_peer = p.a.args[p.a.args.iter().position(|a| a == "--peer-listen").unwrap() + 1].clone();
+    let out = p.b.ctl_ok(&["migrate", "vm", "--to", &a_peer, "--json"]);
+    let back: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(back["phase"], "completed", "{out}");
+    assert_eq!(back["start"], "incremental", "{back}");
+    // B changed 128 KiB plus whatever the forwarded client wrote after the
+    // commit; the seed data (5 MiB) is not sent again.
+    let sent = back["data_bytes"].as_u64().unwrap();
+    assert!(
+        (128 << 10..=(128 << 10) + 120 * (64 << 10)).contains(&sent),
+        "{back}"
+    );
+    compare(&p.expected, &p.img);
+    qemu_io_ok(&p.a.uri("vm"), &["read -P 0x33 20M 128k".into()]);
+    // Now with no client: to B sends nothing, back to A sends exactly the
+    // change made on B.
+    let out = p.a.ctl_ok(&["migrate", "vm", "--to", &p.b_peer, "--json"]);
+    let there: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(there["start"], "incremental", "{there}");
+    assert_eq!(there["data_bytes"], 0, "{there}");
+    qemu_io_ok(&p.b.uri("vm"), &["write -P 0x44 1M 128k".into()]);
+    qemu_io_ok(
+        p.expected.to_str().unwrap(),
+        &["write -P 0x44 1M 128k".into()],
+    );
+    let out = p.b.ctl_ok(&["migrate", "vm", "--to", &a_peer, "--json"]);
+    let back: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(back["data_bytes"], 128 * 1024, "{back}");
+    compare(&p.expected, &p.img);
+    assert!(p.a.stop());
+    assert!(p.b.stop());
+}
+
+#[test]
+fn ownership_survives_restarts_and_bad_keys_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pair(tmp.path());
+    // Wrong key: refused with an explanation, A keeps serving.
+    let bad_key = key(tmp.path(), "other.key", &KEY_HEX.replace('3', "4"));
+    let c = Server::start(
+        tmp.path(),
+        &[
+            "--accept-migrations",
+            tmp.path().join("c-in").to_str().unwrap(),
+            "--peer-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--peer-key",
+            &bad_key,
+            "--node-id",
+            "node-c",
+        ],
+    );
+    let c_peer = c.args[c.args.iter().position(|a| a == "--peer-listen").unwrap() + 1].clone();
+    let out = p.a.ctl(&["migrate", "vm", "--to", &c_peer]);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("same --peer-key"), "{text}");
+    qemu_io_ok(&p.a.uri("vm"), &["read -P 0x5a 0 4k".into()]);
+
+    p.a.ctl_ok(&["migrate", "vm", "--to", &p.b_peer]);
+    // A restarted with the handed-over image refuses to serve it.
+    let a_args = p.a.args.clone();
+    assert!(p.a.stop());
+    let out = run_raw(
+        bin(),
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("handed over to node node-b"), "{err}");
+    // B restarted serves what it owns.
+    let again = p.b.restart_args_for_check();
+    assert!(p.b.stop());
+    let b2 = again.start(tmp.path());
+    qemu_io_ok(&b2.uri("vm"), &["read -P 0x6b 10M 64k".into()]);
+    assert!(b2.stop());
+    drop(c);
+    let _ = p.img;
+}
