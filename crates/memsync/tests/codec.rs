@@ -350,3 +350,44 @@ fn literal_section_is_zstd_by_default_and_stored_when_incompressible() {
     );
     assert_eq!(enc.store().digest(), dec.store().digest());
 }
+
+/// A same-address delta whose slot an earlier record of the same checkpoint
+/// evicted: the in-place commit must fall back to a full copy on both sides.
+#[test]
+fn same_address_delta_after_its_slot_was_evicted() {
+    let c = cfg(4, 2);
+    let mut enc = Encoder::new(c);
+    let mut dec = Decoder::new(c);
+    let mut m = Mem::new(4);
+    fill(1, m.page_mut(1));
+    fill(2, m.page_mut(2));
+    let e = enc.encode(0, &m.list(&[1, 2])).expect("encode");
+    dec.decode(&e.bytes).expect("decode");
+    let slot1 = enc.store().slot_of(1).expect("stored");
+    // Page 0 is new and comes first: CLOCK evicts page 1's slot (slot 0)
+    // before page 1's own record, a small delta, is committed.
+    fill(3, m.page_mut(0));
+    m.page_mut(1)[100] ^= 1;
+    let e = enc.encode(1, &m.list(&[0, 1])).expect("encode");
+    assert_eq!(e.kinds.delta_same_address, 1);
+    assert_eq!(
+        enc.store().slot_of(0),
+        Some(slot1),
+        "page 0 took page 1's slot"
+    );
+    let d = dec.decode(&e.bytes).expect("decode");
+    assert_eq!(enc.store().digest(), dec.store().digest());
+    let s1 = enc.store().slot_of(1).expect("page 1 stored again");
+    assert_ne!(s1, slot1);
+    assert_eq!(
+        enc.store().get(s1).expect("slot")[..],
+        m.img[PAGE_SIZE..2 * PAGE_SIZE]
+    );
+    assert_eq!(d.data, m.img[..2 * PAGE_SIZE]);
+    // The next checkpoint uses both stores and still verifies.
+    m.page_mut(1)[200] ^= 1;
+    let e = enc.encode(2, &m.list(&[1])).expect("encode");
+    assert_eq!(e.kinds.delta_same_address, 1);
+    let d = dec.decode(&e.bytes).expect("decode");
+    assert_eq!(d.data, m.img[PAGE_SIZE..2 * PAGE_SIZE]);
+}

@@ -38,6 +38,7 @@ class Server:
                 "--node-id", name, "--peer-key", os.path.join(d, "key"),
                 "--accept-migrations", os.path.join(d, f"{name}-in"), "--peer-listen", self.peer] + extra
         self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
+        SERVERS.append(self)
         for _ in range(300):
             if os.path.exists(self.ctl):
                 try:
@@ -83,7 +84,19 @@ def parse_size(s):
     return int(s[:-1]) * mult[s[-1]] if s[-1] in mult else int(s)
 
 
+SERVERS = []
+
+
 def main():
+    try:
+        run()
+    finally:
+        for s in SERVERS:
+            if s.p.poll() is None:
+                s.p.kill()
+
+
+def run():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="2G")
     ap.add_argument("--alloc", type=int, default=1024, help="MiB allocated before the run")

@@ -88,9 +88,11 @@ pub struct MigrateOptions {
     /// How long in-flight I/O may take to drain at switch-over. Default: 5 s.
     pub drain_timeout: Duration,
     /// During the bulk copy, make the target durable (and record its
-    /// progress, so a retry resumes there) after this many bytes.
+    /// progress, so a retry resumes there) after this many bytes...
     /// Default: 64 MiB.
     pub checkpoint: u64,
+    /// ...or after this long, whichever comes first. Default: 1 s.
+    pub checkpoint_interval: Duration,
     /// Called on entering each phase, and with `Phase::Switchover` again
     /// right before the commit is sent (tests inject faults here).
     /// Default: none.
@@ -121,6 +123,7 @@ impl MigrateOptions {
             chunk: 1 << 20,
             drain_timeout: Duration::from_secs(5),
             checkpoint: 64 << 20,
+            checkpoint_interval: Duration::from_secs(1),
             fault_hook: None,
         }
     }
@@ -462,6 +465,7 @@ struct Copier<'a> {
     limiter_bytes: u64,
     honour_cancel: bool,
     checkpoint: u64,
+    checkpoint_interval: Duration,
 }
 
 impl Copier<'_> {
@@ -824,6 +828,7 @@ fn run_session(
         limiter_bytes: 0,
         honour_cancel: true,
         checkpoint: opts.checkpoint,
+        checkpoint_interval: opts.checkpoint_interval,
     };
 
     // 1. Bulk.
@@ -1082,18 +1087,21 @@ fn bulk(
 ) -> Result<(), MigrationError> {
     status.lock().bulk_bytes = todo.iter().map(|r| r.1).sum();
     let mut since = 0;
+    let mut last = Instant::now();
+    // Split so checkpoints fall inside large extents too.
+    let piece = copier.checkpoint.clamp(1, 1 << 20);
     for &(o, l) in todo {
-        // Split so checkpoints fall inside large extents too.
         let mut pos = o;
         while pos < o + l {
-            let n = (o + l - pos).min(copier.checkpoint.max(1));
+            let n = (o + l - pos).min(piece);
             copier.copy(pos, n, map)?;
             status.lock().bulk_done += n;
             since += n;
             pos += n;
-            if since >= copier.checkpoint {
+            if since >= copier.checkpoint || last.elapsed() >= copier.checkpoint_interval {
                 copier.flush()?;
                 since = 0;
+                last = Instant::now();
             }
         }
     }

@@ -8,10 +8,12 @@
 //!                            └── hold(): write lock — new requests wait, in-flight drain
 //! ```
 //!
-//! Every request holds the route's read lock for its duration, so taking
-//! the write lock both waits for in-flight requests and holds new ones
-//! (the lock is writer-preferring). Held requests are not failed: they run
-//! on whatever route is set when the hold ends.
+//! Every local request holds the route's read lock for its duration, so
+//! taking the write lock both waits for in-flight requests and holds new
+//! ones (the lock is writer-preferring). Held requests are not failed: they
+//! run on whatever route is set when the hold ends. Forwarded requests drop
+//! the lock before they go out: they may wait on the other node, which may
+//! itself be waiting to commit to us (a migration back).
 
 use std::fmt;
 use std::sync::Arc;
@@ -145,7 +147,14 @@ impl SwitchDisk {
         let r = self.route.read();
         match &*r {
             Route::Local => f(&*self.local),
-            Route::Forward(d) => f(&**d),
+            Route::Forward(d) => {
+                // A forwarded request may wait on the other node, which may
+                // be waiting on us (migrating back): do not hold the route
+                // across it. Only local I/O is drained by a hold.
+                let d = d.clone();
+                drop(r);
+                f(&*d)
+            }
             Route::Fail(m) => Err(BlockError::Backend {
                 op: "I/O",
                 reason: m.to_string(),

@@ -264,6 +264,34 @@ struct Receiving<'a> {
     source_node: String,
 }
 
+impl Receiving<'_> {
+    /// Received data goes below the block filter, so the peer bitmap
+    /// (enabled from the start, so the commit need not touch it) records
+    /// only what changes after the commit. The other enabled bitmaps (an
+    /// incremental backup's, say) are marked by hand and persisted with the
+    /// progress at each flush.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        self.export
+            .filter
+            .inner()
+            .write_at(data, offset, WriteOpts::default())?;
+        self.mark_others(offset, data.len() as u64);
+        Ok(())
+    }
+
+    fn mark_others(&self, offset: u64, len: u64) {
+        let peer_bm = peer_bitmap_name(&self.source_node);
+        for b in self.export.store.list() {
+            if b.enabled
+                && b.name != peer_bm
+                && let Some(bm) = self.export.store.get(&b.name)
+            {
+                bm.mark(offset, len);
+            }
+        }
+    }
+}
+
 fn reply_code(e: &BlockError) -> u32 {
     match e.kind() {
         ErrorKind::NoSpace => code::NO_SPACE,
@@ -531,17 +559,17 @@ pub fn receive(
         }
         // Marked by hand after each flush, never by the filter.
         store.disable(RECEIVED_BITMAP).map_err(|e| e.to_string())?;
-        // What changes here after the commit, relative to the source;
-        // enabled at the commit.
+        // What changes here after the commit, relative to the source.
+        // Enabled and clean from now on; received data bypasses the filter
+        // (see `Receiving::write`), so the commit need not touch it.
         let peer_bm = peer_bitmap_name(&source_node);
         if store.get(&peer_bm).is_some() {
-            store.disable(&peer_bm).map_err(|e| e.to_string())?;
+            store.enable(&peer_bm).map_err(|e| e.to_string())?;
             store.clear(&peer_bm).map_err(|e| e.to_string())?;
         } else {
             store
                 .add(&peer_bm, understudy_bitmap::DEFAULT_GRANULARITY)
                 .map_err(|e| e.to_string())?;
-            store.disable(&peer_bm).map_err(|e| e.to_string())?;
         }
         Ok(())
     })();
@@ -663,20 +691,22 @@ fn session_loop(
                 let _ = link.send_error(understudy_peer::error_code::PROTOCOL, &m);
                 return Err(TargetError::Protocol(m));
             }
-            Msg::Data { offset, data, .. } if !r.committed => {
-                match r.export.filter.write_at(data, offset, WriteOpts::default()) {
-                    Ok(()) => r.unflushed.push((offset, data.len() as u64)),
-                    Err(e) => {
-                        r.sticky.get_or_insert((reply_code(&e), block_msg(&e)));
-                    }
+            Msg::Data { offset, data, .. } if !r.committed => match r.write(offset, data) {
+                Ok(()) => r.unflushed.push((offset, data.len() as u64)),
+                Err(e) => {
+                    r.sticky.get_or_insert((reply_code(&e), block_msg(&e)));
                 }
-            }
+            },
             Msg::Zero { offset, len } if !r.committed && in_range(offset, len) => {
                 let z = ZeroOpts {
                     may_unmap: true,
                     ..ZeroOpts::default()
                 };
-                match r.export.filter.write_zeroes(offset, len, z) {
+                let res = r.export.filter.inner().write_zeroes(offset, len, z);
+                if res.is_ok() {
+                    r.mark_others(offset, len);
+                }
+                match res {
                     Ok(()) => r.unflushed.push((offset, len)),
                     Err(e) => {
                         r.sticky.get_or_insert((reply_code(&e), block_msg(&e)));
@@ -689,9 +719,7 @@ fn session_loop(
                 let res = match &r.sticky {
                     Some((c, m)) => Err((*c, m.clone())),
                     None => r
-                        .export
-                        .filter
-                        .write_at(data, offset, WriteOpts::default())
+                        .write(offset, data)
                         .map_err(|e| (reply_code(&e), block_msg(&e))),
                 };
                 match res {
@@ -839,13 +867,8 @@ fn commit(
         .flush()
         .map_err(|e| (reply_code(&e), block_msg(&e)))?;
     let t_flush = t0.elapsed();
-    let store = &r.export.store;
     let io = |e: &dyn std::error::Error| (code::IO, crate::source::error_chain(e));
     let peer_bm = peer_bitmap_name(&r.source_node);
-    // Prepared (cleared, disabled) when the session started; enabling is
-    // durable before the record names it.
-    store.enable(&peer_bm).map_err(|e| io(&e))?;
-    let t_bitmap = t0.elapsed();
     r.rec.generation = generation;
     r.rec.state = OwnerState::Owner { migrating: None };
     r.rec.name = r.export.name.clone();
@@ -862,7 +885,7 @@ fn commit(
     hooks.serve(r.export.clone(), r.persister.take());
     tracing::info!(
         export = %r.export.name, generation, from = %r.source_node,
-        flush_us = t_flush.as_micros() as u64, bitmap_us = t_bitmap.as_micros() as u64,
+        flush_us = t_flush.as_micros() as u64,
         total_us = t0.elapsed().as_micros() as u64,
         "took ownership"
     );

@@ -480,3 +480,24 @@ mod enospc {
         28
     }
 }
+
+/// A client stays connected to A while the disk goes to B and straight back
+/// (its requests are forwarded A → B, and B's commit back to A must not
+/// wait on them: this deadlocked once).
+#[test]
+fn ping_pong_under_a_forwarded_client() {
+    let w = world();
+    let a_addr = w.a.listen(KEY);
+    let cmds = writer_script(99, 400, 64 << 10, 2, SIZE);
+    let writer = spawn_writer(w.a.nbd_url("vm"), cmds.clone());
+    std::thread::sleep(Duration::from_millis(100));
+    let there = run(&w.a, "vm", w.a.opts(&w.b_addr)).unwrap();
+    assert_eq!(there.start.as_deref(), Some("fresh"));
+    let back = run(&w.b, "vm", w.b.opts(&a_addr)).unwrap();
+    assert_eq!(back.start.as_deref(), Some("incremental"), "{back:?}");
+    let again = run(&w.a, "vm", w.a.opts(&w.b_addr)).unwrap();
+    assert_eq!(again.start.as_deref(), Some("incremental"), "{again:?}");
+    writer.join().unwrap();
+    expected_image(&w.expected, &cmds);
+    assert_same(&w.expected, &w.b.dir.join("vm.img"));
+}

@@ -260,3 +260,58 @@ fn ownership_survives_restarts_and_bad_keys_are_refused() {
     drop(c);
     let _ = p.img;
 }
+
+/// B is killed (SIGKILL) in the middle of the bulk copy: A stays the owner
+/// and keeps serving; B comes back and the retry resumes from what B had
+/// made durable.
+#[test]
+fn target_killed_mid_bulk_then_retry_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pair(tmp.path());
+    let b_again = p.b.restart_args_for_check();
+    let ctl = p.a.control.display().to_string();
+    let to = p.b_peer.clone();
+    // 5 MiB allocated at 2 MiB/s: about 2.5 s of bulk.
+    let job = std::thread::spawn(move || {
+        run_raw(
+            bin(),
+            &[
+                "migrate",
+                "vm",
+                "--to",
+                &to,
+                "--control",
+                &ctl,
+                "--bandwidth",
+                "2M",
+                "--json",
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    p.b.kill9();
+    let out = job.join().unwrap();
+    assert!(!out.status.success());
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["phase"], "failed", "{last}");
+    assert_eq!(last["retryable"], true, "{last}");
+    // A still serves and owns the disk; writes go on.
+    qemu_io_ok(&p.a.uri("vm"), &["write -P 0x21 6M 64k".into()]);
+    qemu_io_ok(
+        p.expected.to_str().unwrap(),
+        &["write -P 0x21 6M 64k".into()],
+    );
+    let b = b_again.start(tmp.path());
+    let out = p.a.ctl_ok(&["migrate", "vm", "--to", &p.b_peer, "--json"]);
+    let st: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(st["phase"], "completed", "{st}");
+    assert_eq!(st["start"], "resume", "{st}");
+    assert!(
+        st["bulk_bytes"].as_u64().unwrap() < 5 << 20,
+        "the retry must not start from zero: {st}"
+    );
+    compare(&p.expected, &p.b_img);
+    assert!(p.a.stop());
+    assert!(b.stop());
+}

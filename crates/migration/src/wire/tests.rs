@@ -268,6 +268,15 @@ proptest! {
     }
 
     #[test]
+    fn whatever_decodes_reencodes_to_the_same(t in 0x0100u16..0x0200, bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        if let Ok(m) = Msg::decode(t, &bytes) {
+            let (t2, again) = m.to_vec().expect("re-encode");
+            prop_assert_eq!(t, t2);
+            prop_assert_eq!(Msg::decode(t2, &again).expect("decode again"), m);
+        }
+    }
+
+    #[test]
     fn decode_never_panics(t in 0x0100u16..0x0200, bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = Msg::decode(t, &bytes);
         let _ = decode_hashes(&bytes);
