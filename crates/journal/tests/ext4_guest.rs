@@ -424,7 +424,7 @@ fn offset_of(op: &Op) -> u64 {
 /// makes every earlier write durable if `honour_flush`, else it is
 /// acknowledged and does nothing. `points` crash points (half evenly spaced
 /// over the stream, half random), cycling through `modes`; every state goes
-/// to `check`. Returns the number of states checked.
+/// to `check`. Returns, per mode, the states checked and rejected.
 fn writeback_crashes(
     initial: &[u8],
     ops: &[Op],
@@ -433,7 +433,8 @@ fn writeback_crashes(
     points: usize,
     seed: u64,
     mut check: impl FnMut(&[u8]) -> Result<(), String>,
-) -> usize {
+) -> Vec<(Loss, usize, usize)> {
+    let mut tally: Vec<(Loss, usize, usize)> = modes.iter().map(|&m| (m, 0, 0)).collect();
     let n = ops.len();
     let mut rng = Rng(seed);
     let half = points / 2;
@@ -454,7 +455,8 @@ fn writeback_crashes(
         }
         let pending = ops[synced..a].iter().filter(|o| o.is_data());
         let mut img = durable.clone();
-        match modes[i % modes.len()] {
+        let t = &mut tally[i % modes.len()];
+        match t.0 {
             Loss::DropAll => {}
             Loss::KeepAll => pending.for_each(|o| o.apply(&mut img)),
             Loss::RandomWrites => pending
@@ -467,20 +469,34 @@ fn writeback_crashes(
                     .for_each(|o| o.apply(&mut img));
             }
         }
-        // Rejections are collected by `check`'s owner.
-        let _ = check(&img);
+        t.1 += 1;
+        if check(&img).is_err() {
+            t.2 += 1;
+        }
     }
-    at.len()
+    tally
 }
 
-fn report_writeback(name: &str, checked: usize, fsck: &Fsck<'_>, started: Instant) {
+fn report_writeback(
+    name: &str,
+    tally: &[(Loss, usize, usize)],
+    fsck: &Fsck<'_>,
+    started: Instant,
+) -> usize {
+    let checked = tally.iter().map(|t| t.1).sum();
+    let per_mode: Vec<String> = tally
+        .iter()
+        .map(|(m, c, r)| format!("{m:?} {r}/{c}"))
+        .collect();
     eprintln!(
         "{name}: {checked} crash states ({} needed ext4 journal recovery), \
-         {} rejected by e2fsck, {:.1} s",
+         {} rejected by e2fsck ({}), {:.1} s",
         fsck.needed_recovery,
         fsck.rejected.len(),
+        per_mode.join(", "),
         started.elapsed().as_secs_f64()
     );
+    checked
 }
 
 #[test]
@@ -600,7 +616,7 @@ fn guest_ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
         13,
         |img| fsck.check(img),
     );
-    report_writeback("write-back, flush not honoured", unordered, &fsck, t);
+    let unordered = report_writeback("write-back, flush not honoured", &unordered, &fsck, t);
     for r in fsck.rejected.iter().take(3) {
         eprintln!("  rejected: {r}");
     }
@@ -630,7 +646,7 @@ fn guest_ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
         14,
         |img| fsck.check(img),
     );
-    report_writeback("write-back, flush honoured", honest, &fsck, t);
+    let honest = report_writeback("write-back, flush honoured", &honest, &fsck, t);
     assert!(
         fsck.rejected.is_empty(),
         "e2fsck rejected {} of {honest} crash states of a disk that honours flush: {:#?}",

@@ -4,11 +4,12 @@
 //! codec and nothing else.
 //!
 //! `cargo run --release -p understudy-memsync --example codec_profile -- TRACE [ROUNDS]`
+//! (`CODEC_LITERAL=lz4|none|zstdN` overrides the literal-section method).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use understudy_memsync::codec::{CodecConfig, Decoded, Decoder, Encoder};
+use understudy_memsync::codec::{CodecConfig, Compression, Decoded, Decoder, Encoder};
 use understudy_memsync::image::{DirtyTracker, pages};
 use understudy_memsync::page::PAGE_SIZE;
 use understudy_memsync::replay::thread_cpu_time;
@@ -55,6 +56,15 @@ fn main() {
     let image_pages = trace.image_len() / PAGE_SIZE as u64;
     let mut cfg = CodecConfig::new(image_pages);
     cfg.store_slots = RefStore::slots_for_budget(64 << 20);
+    // CODEC_LITERAL=lz4|none|zstdN overrides the literal-section method.
+    match std::env::var("CODEC_LITERAL").as_deref() {
+        Ok("lz4") => cfg.literal = Compression::Lz4,
+        Ok("none") => cfg.literal = Compression::None,
+        Ok(z) if z.starts_with("zstd") => {
+            cfg.literal = Compression::Zstd(z[4..].parse().unwrap_or(1));
+        }
+        _ => {}
+    }
     let steady_bytes: u64 = cps.iter().skip(1).map(|c| c.1.len() as u64).sum();
     for round in 0..rounds {
         let mut enc = Encoder::new(cfg);
