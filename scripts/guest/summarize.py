@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Summarise bench-out/replay-*.json into the BENCHMARKS-memsync.md tables
+"""Summarise bench-out/replay-*.json into the BENCHMARKS.md (memory checkpoint sync) tables
 (bytes are deterministic; throughput is the median over the repeats)."""
 import glob, json, os, re, statistics, sys
 

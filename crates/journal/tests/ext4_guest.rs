@@ -13,16 +13,23 @@
 //!    cache and sends its flushes. The guest mounts `/dev/vda`, runs
 //!    `fsworkload` (atomic-replace database, fdatasync'd log, small-file
 //!    churn), syncs, unmounts and powers off.
-//! 4. `crash_test` replays the recording (writes and flushes; a FUA write is
-//!    recorded as write + flush) on:
+//! 4. The recording (writes and flushes; a FUA write is recorded as write +
+//!    flush) is replayed with simulated crashes on:
 //!    - `EpochDisk` with `FlushPolicy::Ordered` (flush = order, acknowledged
-//!      at once): every recovered crash state must be an epoch prefix, and
-//!      `e2fsck -fn` must call it clean after ext4's journal is replayed;
+//!      at once), through `crash_test`: every recovered crash state must be
+//!      an epoch prefix, and `e2fsck -fn` must call it clean after ext4's
+//!      journal is replayed (as a mount would). Also `FlushPolicy::Durable`.
 //!    - a write-back cache that acknowledges flush at once and keeps no
 //!      order (the same promise as `Ordered`, minus the journal): `e2fsck`
-//!      must reject at least one crash state;
-//!    - a write-back cache that honours flush (an honest disk): reported,
-//!      and `e2fsck` must accept all of it, which checks the checker.
+//!      must reject some crash states;
+//!    - a write-back cache that honours flush (an honest disk, which is all
+//!      ext4 asks for): `e2fsck` must accept every crash state, so the
+//!      rejections above are due to lost order and not to the checker.
+//!
+//!    The two write-back baselines build their crash states here rather than
+//!    with `crash_test`, to use loss modes without 512-byte tearing (which
+//!    can tear the 1 KiB ext4 superblock on any disk, ordered or not) and an
+//!    elevator mode (write-back in ascending offset order, cut short).
 //!
 //! Needs qemu-system-x86_64 and e2fsprogs (the test fails without them) and
 //! the guest artefacts in `$UNDERSTUDY_GUEST_CACHE` (default
@@ -538,6 +545,15 @@ fn guest_ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
         "only {flushes} flushes recorded: QEMU is not passing the guest's flushes through"
     );
     let model = Model::new(&cap.initial, &cap.ops);
+    let largest = cap.ops.iter().map(|o| match o {
+        Op::Write { data, .. } => data.len(),
+        _ => 0,
+    });
+    eprintln!(
+        "capture: {} non-empty epochs between flushes, largest write {} KiB",
+        model.epochs(),
+        largest.max().unwrap_or(0) / 1024
+    );
     assert!(
         model.state_at(model.data_ops()) == cap.last,
         "replaying the recording over the initial image does not give the final image"
@@ -546,6 +562,10 @@ fn guest_ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
 
     let n = points();
     // Flush under Ordered is an order: acknowledged at once, not durable.
+    // The shortest interval makes the writer thread commit as it goes, so
+    // crash states land on many epochs (the replay runs far faster than the
+    // guest did; with 2 ms they fall into a handful of batches). The
+    // guarantee checked does not depend on the interval.
     let t = Instant::now();
     let mut c = CrashConfig::new(n, 11);
     c.flush_is_durable = false;
@@ -553,31 +573,31 @@ fn guest_ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
     let target = Target::Epoch(JournalConfig {
         capacity: 64 << 20,
         policy: FlushPolicy::Ordered {
-            interval: Duration::from_millis(2),
+            interval: Duration::from_micros(1),
         },
         in_place_min: None,
     });
     let mut fsck = Fsck::new(dir.path());
     let ordered = crash_test(&cap.initial, &cap.ops, &target, &c, |img| fsck.check(img));
     report("epoch journal, flush=ordered", &ordered, &fsck, t);
-    assert!(ordered.checked >= n.min(ordered.events), "{ordered:?}");
     assert!(
         ordered.violations.is_empty(),
         "flush=ordered: {:#?}",
         &ordered.violations[..ordered.violations.len().min(3)]
     );
-    // Crash states taken while the guest had ext4 mounted: e2fsck had to
-    // replay ext4's journal, which is the case ordering exists for.
+    // Crash states must land on many epochs, many of them with ext4 mounted
+    // (e2fsck had to replay ext4's journal: the case ordering exists for).
+    // The rest are before the mount or in the final apply after unmount.
     assert!(
-        fsck.needed_recovery > 0,
-        "no crash state needed ext4 journal recovery: {ordered:?}"
+        ordered.checked >= n && ordered.distinct_prefixes >= n / 5 && fsck.needed_recovery >= n / 5,
+        "crash states too concentrated: {} needed recovery, {ordered:?}",
+        fsck.needed_recovery
     );
 
-    // Durable flushes: every flush is a durability point, so crash states
-    // spread over many more epochs than under Ordered, where the replay
-    // (faster than the guest ran) makes epochs durable in a few batches.
+    // Durable flushes: an acknowledged flush must survive too (half the
+    // crash points: the Ordered run above is the one the issue asks for).
     let t = Instant::now();
-    let mut c = CrashConfig::new(n, 12);
+    let mut c = CrashConfig::new(n.div_ceil(2), 12);
     c.check = Check::Strict;
     let target = Target::Epoch(JournalConfig {
         capacity: 64 << 20,
@@ -593,18 +613,17 @@ fn guest_ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
         &durable.violations[..durable.violations.len().min(3)]
     );
     assert!(
-        durable.distinct_prefixes >= n / 4 && fsck.needed_recovery * 2 >= durable.checked,
-        "crash states should land on many epochs, mostly with ext4 mounted: {durable:?}"
-    );
-    assert!(
-        ordered.distinct_prefixes >= 2,
-        "crash states should land on several epochs: {ordered:?}"
+        durable.distinct_prefixes >= n / 5 && fsck.needed_recovery >= n / 5,
+        "crash states too concentrated: {} needed recovery, {durable:?}",
+        fsck.needed_recovery
     );
 
     // The same promise without the journal: flush acknowledged at once and
     // nothing ordered (a write-back cache whose flush is a no-op, e.g. QEMU
-    // cache=unsafe). Whole writes are lost at random (no tearing), so a
-    // rejection is due to lost order alone.
+    // cache=unsafe). Whole writes are lost (no tearing), so a rejection is
+    // due to lost order alone. ext4's checksummed journal survives most
+    // such states (about 1 in 12 is rejected, all after the journal starts
+    // checkpointing), so this run takes three times the crash points.
     let t = Instant::now();
     let mut fsck = Fsck::new(dir.path());
     let unordered = writeback_crashes(
@@ -612,7 +631,7 @@ fn guest_ext4_stays_clean_after_crashes_with_ordering_and_not_without() {
         &cap.ops,
         false,
         &[Loss::RandomWrites, Loss::Elevator],
-        n,
+        3 * n,
         13,
         |img| fsck.check(img),
     );

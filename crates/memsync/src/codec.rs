@@ -83,7 +83,7 @@ pub struct CodecConfig {
     /// Compression of the literal section (whole pages). Default: zstd
     /// level 1: on the recorded traces it writes 35-73% fewer literal
     /// bytes than LZ4 at 0.66-0.95x its speed, and it passes
-    /// incompressible data at several GB/s (see `BENCHMARKS-memsync.md`).
+    /// incompressible data at several GB/s (see `BENCHMARKS.md (memory checkpoint sync)`).
     /// Choose [`Compression::Lz4`] when encode CPU matters more than link
     /// bytes.
     pub literal: Compression,
