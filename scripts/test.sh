@@ -8,6 +8,7 @@ bash scripts/install-deps.sh
 # UNDERSTUDY_REQUIRE_GUEST=1 those tests fail instead of skipping when the
 # artefacts are missing.
 bash scripts/guest/build.sh >/dev/null
+bash scripts/guest/build-fs.sh >/dev/null
 export UNDERSTUDY_REQUIRE_GUEST=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

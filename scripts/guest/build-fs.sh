@@ -18,7 +18,7 @@ need() { command -v "$1" >/dev/null || { echo "build-fs.sh: $1 is missing; insta
 need gcc gcc; need cpio cpio; need gzip gzip; need dpkg-deb dpkg; need strings binutils
 
 # Modules the guest needs; dependencies are added from each .ko's depends=.
-# Anything built into the kernel (=y in its config) needs no module. ext4 and
+# Anything built into the kernel (listed in modules.builtin) needs no module. ext4 and
 # jbd2 are built into the Debian cloud kernel today, but are listed so that a
 # kernel that ships them as modules still works.
 wanted="virtio_pci virtio_blk crc32c_generic crc16 mbcache jbd2 ext4"
