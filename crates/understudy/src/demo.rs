@@ -64,7 +64,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         control: args.dir.join("control.sock"),
         persist_interval: std::time::Duration::from_secs(5),
         intent_extent: "64M".into(),
-        workers: 8,
+        workers: None,
         migration: Default::default(),
     };
     let daemon = Daemon::start(&serve)?;

@@ -66,12 +66,22 @@ pub struct ServeArgs {
     /// dirty whole. Smaller is tighter but costs more syncs.
     #[arg(long, default_value = "64M")]
     pub intent_extent: String,
-    /// Most worker threads per NBD connection.
-    #[arg(long, default_value_t = 8)]
-    pub workers: usize,
+    /// Most worker threads per NBD connection. Default: twice the number
+    /// of CPUs, between 2 and 8 (more workers than that only fight the
+    /// client for the CPU: on 2 cores, 4 beat 8 on 1 MiB reads by ~25%).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Live migration (docs/migration.md).
     #[command(flatten)]
     pub migration: crate::migrate::MigrationArgs,
+}
+
+/// Default worker cap per connection: 2 per CPU, from 2 to 8.
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() * 2)
+        .unwrap_or(8)
+        .clamp(2, 8)
 }
 
 /// One served image.
@@ -294,7 +304,7 @@ impl Daemon {
             exports.insert(spec.name.clone(), open_export(spec, args)?);
         }
         let nbd = Server::new(ServerConfig {
-            max_workers_per_connection: args.workers,
+            max_workers_per_connection: args.workers.unwrap_or_else(default_workers),
             ..ServerConfig::default()
         })?;
         for st in exports.values() {
