@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+# (server CPU list, client CPU list) when --pin is given.
+PIN = None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("UNDERSTUDY_BIN", os.path.join(ROOT, "target", "release", "understudy"))
 
@@ -63,6 +65,8 @@ def start(kind, image, port, work):
                "file", f"file={image}"]
     else:
         raise ValueError(kind)
+    if PIN:
+        cmd = ["taskset", "-c", PIN[0]] + cmd
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_port(port, proc)
     return proc
@@ -78,7 +82,7 @@ def stop(proc, work):
 
 
 def fio(uri, rw, bs, depth, runtime, size):
-    cmd = ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+    cmd = (["taskset", "-c", PIN[1]] if PIN else []) + ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={depth}", f"--runtime={runtime}", "--time_based", f"--size={size}",
            "--output-format=json", "--randrepeat=0"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -89,7 +93,7 @@ def fio(uri, rw, bs, depth, runtime, size):
 
 def nbdcopy(uri):
     t = time.time()
-    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+    subprocess.run((["taskset", "-c", PIN[1]] if PIN else []) + ["nbdcopy", uri, "null:"], check=True)
     return time.time() - t
 
 
@@ -109,7 +113,12 @@ def main():
     ap.add_argument("--runtime", type=int, default=8)
     ap.add_argument("--servers", default="understudy,understudy+3bitmaps,qemu-nbd,nbdkit")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--pin", help="SERVER_CPUS:CLIENT_CPUS, e.g. 1:0 (taskset), to keep the servers and the "
+                    "clients off each other's cores and cut the noise")
     args = ap.parse_args()
+    global PIN
+    if args.pin:
+        PIN = tuple(args.pin.split(":", 1))
     args.size_bytes = int(args.size_gib * (1 << 30))
     args.size = args.size_bytes
     if not os.path.exists(BIN):
@@ -149,7 +158,7 @@ def main():
         print(json.dumps({"medians": med, "raw": results}, indent=2))
         return
     print(f"image {args.size_gib} GiB, {args.rounds} rounds, {args.runtime} s per fio run, "
-          f"medians; nproc={os.cpu_count()}, load before: {os.getloadavg()[0]:.1f}")
+          f"medians; nproc={os.cpu_count()}, pin (server:client)={args.pin}, load after: {os.getloadavg()[0]:.1f}")
     print()
     hdr = "| workload | " + " | ".join(servers) + " | us/nbdkit | us/qemu-nbd | 3 bitmaps/none |"
     print(hdr)
