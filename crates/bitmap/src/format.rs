@@ -157,6 +157,14 @@ pub enum FormatError {
     },
 }
 
+/// Refuse a count or length read from a file that is over its limit.
+fn check_limit(what: &'static str, value: u64, max: u64) -> Result<(), FormatError> {
+    if value > max {
+        return Err(FormatError::Limit { what, value, max });
+    }
+    Ok(())
+}
+
 /// Check a bitmap name: 1 to 255 bytes of UTF-8 without control
 /// characters (it becomes part of an NBD meta-context name).
 pub fn validate_name(name: &str) -> Result<(), &'static str> {
@@ -481,20 +489,12 @@ pub fn decode_snapshot_header(bytes: &[u8]) -> Result<SnapshotHeader, FormatErro
     if flags & !SNAPSHOT_CLEAN != 0 || reserved != 0 {
         return Err(FormatError::Reserved { what: WHAT });
     }
-    if count as usize > MAX_BITMAPS {
-        return Err(FormatError::Limit {
-            what: "bitmap count",
-            value: count.into(),
-            max: MAX_BITMAPS as u64,
-        });
-    }
-    if dir_len as usize > MAX_SNAPSHOT_DIR_LEN {
-        return Err(FormatError::Limit {
-            what: "directory length",
-            value: dir_len.into(),
-            max: MAX_SNAPSHOT_DIR_LEN as u64,
-        });
-    }
+    check_limit("bitmap count", count.into(), MAX_BITMAPS as u64)?;
+    check_limit(
+        "directory length",
+        dir_len.into(),
+        MAX_SNAPSHOT_DIR_LEN as u64,
+    )?;
     // Finest granularity gives the largest bitmap; too-large geometries are
     // rejected per entry later, so clamp to the in-memory limit here.
     let per_bitmap = MIN_GRANULARITY
@@ -503,13 +503,7 @@ pub fn decode_snapshot_header(bytes: &[u8]) -> Result<SnapshotHeader, FormatErro
         .unwrap_or(u64::MAX)
         .min(crate::bitmap::MAX_BITMAP_BYTES);
     let max_data = per_bitmap.saturating_mul(count.into());
-    if data_len > max_data {
-        return Err(FormatError::Limit {
-            what: "data length",
-            value: data_len,
-            max: max_data,
-        });
-    }
+    check_limit("data length", data_len, max_data)?;
     Ok(SnapshotHeader {
         image_size,
         seq,
@@ -656,13 +650,7 @@ pub fn check_extent_size(image_size: u64, extent_size: u64) -> Result<(), Format
         });
     }
     let n = IntentRecord::extents_for(image_size, extent_size);
-    if n > MAX_INTENT_EXTENTS {
-        return Err(FormatError::Limit {
-            what: "intent extent count",
-            value: n,
-            max: MAX_INTENT_EXTENTS,
-        });
-    }
+    check_limit("intent extent count", n, MAX_INTENT_EXTENTS)?;
     Ok(())
 }
 
@@ -754,20 +742,12 @@ pub fn decode_intent(slot: &[u8]) -> Result<IntentRecord, FormatError> {
             expected: expected_extents,
         });
     }
-    if count as usize > MAX_BITMAPS {
-        return Err(FormatError::Limit {
-            what: "bitmap count",
-            value: count.into(),
-            max: MAX_BITMAPS as u64,
-        });
-    }
-    if dir_len as usize > MAX_INTENT_DIR_LEN {
-        return Err(FormatError::Limit {
-            what: "directory length",
-            value: dir_len.into(),
-            max: MAX_INTENT_DIR_LEN as u64,
-        });
-    }
+    check_limit("bitmap count", count.into(), MAX_BITMAPS as u64)?;
+    check_limit(
+        "directory length",
+        dir_len.into(),
+        MAX_INTENT_DIR_LEN as u64,
+    )?;
     let armed_len = expected_extents.div_ceil(64) as usize * 8;
     let expected_len = HEADER_LEN + armed_len + dir_len as usize;
     if record_len != expected_len {

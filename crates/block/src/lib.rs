@@ -146,6 +146,19 @@ pub trait Disk: DiskRead + DiskWrite + DiskMap + Send + Sync + std::fmt::Debug {
     fn info(&self) -> DiskInfo;
 }
 
+/// An error and all its sources on one line (`outer: cause: root cause`),
+/// for log lines and for messages sent to clients and peers.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 /// Check that `[offset, offset + len)` lies inside a disk of `size` bytes.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {

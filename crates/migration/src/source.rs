@@ -364,17 +364,7 @@ pub fn migrate(
     r.map(|()| out)
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub use understudy_block::error_chain;
 
 fn bitmap_err(source: StoreError) -> MigrationError {
     MigrationError::Bitmap { source }

@@ -2,9 +2,6 @@
 //! into per-worker buffers (no allocation on the hot path once the buffers
 //! have grown to the working size).
 
-use std::error::Error as _;
-use std::fmt::Write as _;
-
 use understudy_block::{BlockError, Disk, Epoch, ErrorKind, WriteOpts, ZeroOpts};
 use understudy_nbd_proto::reply::{
     BlockStatusBuilder, error_chunk, none_chunk, offset_data_header, offset_hole_chunk,
@@ -112,17 +109,6 @@ pub(crate) fn errno_for(e: &BlockError, write_like: bool) -> NbdErrno {
     }
 }
 
-/// The error with its whole source chain, for error chunk messages.
-fn describe(e: &BlockError) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let _ = write!(s, ": {c}");
-        src = c.source();
-    }
-    s
-}
-
 fn fail(t: &Target<'_>, w: &mut Worker, cookie: u64, errno: NbdErrno, msg: &str) -> ReplyBuf {
     bump(&t.stats.request_errors, 1);
     w.out.clear();
@@ -143,8 +129,8 @@ fn io_fail(
     write_like: bool,
 ) -> ReplyBuf {
     let errno = errno_for(e, write_like);
-    tracing::debug!(cookie, %errno, "request failed: {}", describe(e));
-    fail(t, w, cookie, errno, &describe(e))
+    tracing::debug!(cookie, %errno, "request failed: {}", crate::error_chain(e));
+    fail(t, w, cookie, errno, &crate::error_chain(e))
 }
 
 fn ok(w: &mut Worker, cookie: u64) -> ReplyBuf {
@@ -462,7 +448,7 @@ fn block_status(
         let r = filled.and_then(|()| b.finish().map(drop).map_err(|_| StatusError::Empty));
         if let Err(e) = r {
             let (errno, msg) = match e {
-                StatusError::Block(e) => (errno_for(&e, false), describe(&e)),
+                StatusError::Block(e) => (errno_for(&e, false), crate::error_chain(&e)),
                 StatusError::NoBitmap(name) => (
                     NbdErrno::Io,
                     format!(

@@ -190,14 +190,4 @@ impl ShutdownHandle {
     }
 }
 
-/// An error with its sources, for log lines.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub(crate) use understudy_block::error_chain;

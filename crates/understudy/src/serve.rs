@@ -499,14 +499,7 @@ fn store_error(e: StoreError) -> Response {
         _ if msg.contains("granularity") || msg.contains("name") => "invalid",
         _ => "io",
     };
-    let mut full = msg;
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        full.push_str(": ");
-        full.push_str(&s.to_string());
-        src = s.source();
-    }
-    Response::err(0, code, full)
+    Response::err(0, code, understudy_block::error_chain(&e))
 }
 
 impl Handler for Daemon {
