@@ -12,5 +12,5 @@ bash scripts/guest/build-fs.sh >/dev/null
 export UNDERSTUDY_REQUIRE_GUEST=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace 2>&1 | tee target/test-output.log
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.log
 (cd fuzz && cargo check --quiet)

@@ -65,16 +65,27 @@ struct Shadow {
     version: AtomicU64,
 }
 
-fn stress(tracker: Arc<dyn Tracker>, duration: Duration, extra: Option<&(dyn Fn() + Sync)>) {
+/// Rounds and writes each stress run must reach. The run is bounded by
+/// work, not wall time, so a slow or loaded machine (fdatasync-bound intent
+/// arming on a shared CI disk) just takes longer; `min` keeps fast machines
+/// busy long enough for interleavings to vary, `max` turns a hang into a
+/// failure.
+const ROUNDS: u64 = 40;
+const WRITES: u64 = 2000;
+
+fn stress(tracker: Arc<dyn Tracker>, min: Duration, extra: Option<&(dyn Fn() + Sync)>) {
+    let max = Duration::from_secs(120);
     let shadow = Arc::new(Shadow {
         disk: (0..BLOCKS).map(|_| AtomicU64::new(0)).collect(),
         acked: (0..BLOCKS).map(|_| AtomicU64::new(0)).collect(),
         version: AtomicU64::new(0),
     });
+    let total = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..3u64)
         .map(|t| {
-            let (tracker, shadow, stop) = (tracker.clone(), shadow.clone(), stop.clone());
+            let (tracker, shadow, stop, total) =
+                (tracker.clone(), shadow.clone(), stop.clone(), total.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((t + 1) * 0x9e37));
                 let mut n = 0u64;
@@ -92,6 +103,7 @@ fn stress(tracker: Arc<dyn Tracker>, duration: Duration, extra: Option<&(dyn Fn(
                         shadow.acked[i as usize].fetch_max(v, Ordering::Release);
                     }
                     n += 1;
+                    total.fetch_add(1, Ordering::Relaxed);
                 }
                 n
             })
@@ -112,7 +124,11 @@ fn stress(tracker: Arc<dyn Tracker>, duration: Duration, extra: Option<&(dyn Fn(
     let start = Instant::now();
     let mut rounds = 0u64;
     let mut checked = 0u64;
-    while start.elapsed() < duration {
+    loop {
+        let enough = rounds >= ROUNDS && total.load(Ordering::Relaxed) >= WRITES;
+        if (enough && start.elapsed() >= min) || start.elapsed() >= max {
+            break;
+        }
         rounds += 1;
         let acked_before: Vec<u64> = shadow
             .acked
@@ -154,8 +170,8 @@ fn stress(tracker: Arc<dyn Tracker>, duration: Duration, extra: Option<&(dyn Fn(
         );
     }
     assert!(
-        rounds > 20 && writes > 1000 && checked > 0,
-        "too little happened: {rounds} rounds, {writes} writes"
+        rounds >= ROUNDS && writes >= WRITES && checked > 0,
+        "too little happened in {max:?}: {rounds} rounds, {writes} writes"
     );
 }
 

@@ -252,7 +252,6 @@ pub struct Busy {
 const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Receiving<'a> {
-    busy: Option<Unbusy<'a>>,
     export: SourceExport,
     rec: OwnerRecord,
     persister: Option<Persister>,
@@ -262,6 +261,10 @@ struct Receiving<'a> {
     sticky: Option<(u32, String)>,
     committed: bool,
     source_node: String,
+    /// Last, so it is dropped last: a retry that claims the name must find
+    /// this session's image and bitmap store (whose lock lives as long as
+    /// `export`) already closed.
+    busy: Option<Unbusy<'a>>,
 }
 
 impl Receiving<'_> {
@@ -477,7 +480,7 @@ pub fn receive(
     let (start, rec, export, persister, owned_here) = match existing_path {
         None => {
             let (export, persister) = open_image(&path, format, hello.size, true, cfg, &hello.name)
-                .map_err(|e| refuse(&link, e.to_string()))?;
+                .map_err(|e| refuse(&link, crate::source::error_chain(&e)))?;
             (Start::Fresh, None, export, Some(persister), true)
         }
         Some(p) => {
@@ -538,7 +541,7 @@ pub fn receive(
                 Some(e) => (e, None, false),
                 None => {
                     let (e, p) = open_image(&p, format, hello.size, false, cfg, &hello.name)
-                        .map_err(|e| refuse(&link, e.to_string()))?;
+                        .map_err(|e| refuse(&link, crate::source::error_chain(&e)))?;
                     (e, Some(p), true)
                 }
             };

@@ -142,14 +142,14 @@ fn keepalives_keep_an_idle_link_alive_and_silence_still_times_out() {
     let mut a = cfg("a", 0);
     let mut b = cfg("b", 0);
     for c in [&mut a, &mut b] {
-        c.read_timeout = Some(Duration::from_millis(400));
+        c.read_timeout = Some(Duration::from_millis(1000));
         c.keepalive = Some(Duration::from_millis(100));
     }
     let (la, mut lb) = Link::pair(&a, &b, "memsync").unwrap();
     // Idle for three read timeouts, then a real frame.
     let tx = la.sender();
     let t = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(1200));
+        thread::sleep(Duration::from_millis(3000));
         tx.send(0x0201, b"late but alive").unwrap();
     });
     assert_eq!(lb.recv().unwrap().payload, b"late but alive");
@@ -162,7 +162,7 @@ fn keepalives_keep_an_idle_link_alive_and_silence_still_times_out() {
     let (_la, mut lb) = Link::pair(&a, &b, "memsync").unwrap();
     let start = Instant::now();
     assert!(matches!(lb.recv(), Err(PeerError::RecvTimeout { .. })));
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(start.elapsed() < Duration::from_secs(5));
 }
 
 #[test]
@@ -199,7 +199,7 @@ fn dropped_peer_is_a_disconnect_not_a_hang() {
     let start = Instant::now();
     let e = server.recv().unwrap_err();
     assert!(matches!(e, PeerError::Disconnected), "{e:?}");
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(start.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
