@@ -49,6 +49,9 @@ use crate::stream::Stream;
 /// Read buffer per connection: several pipelined small requests (or one
 /// small write with its payload) per `read` system call.
 const READ_BUFFER: usize = 64 * 1024;
+/// Replies with a payload at least this long send their header separately
+/// (see `Stream::write_split`); below it one write is cheaper.
+const SPLIT_SEND_MIN: usize = 32 * 1024;
 
 /// Why a connection ended abnormally (for the debug log).
 #[derive(Debug, thiserror::Error)]
@@ -438,15 +441,21 @@ impl Conn {
     }
 
     fn send(&self, w: &Worker, reply: ReplyBuf) {
-        let bytes = match reply {
-            ReplyBuf::Out => &w.out[..],
-            ReplyBuf::Buf(n) => &w.buf[..n],
-        };
-        if bytes.is_empty() {
-            return;
-        }
         let mut s = lock(&self.writer);
-        if let Err(e) = s.write_all(bytes) {
+        let r = match reply {
+            ReplyBuf::Out if w.out.is_empty() => return,
+            ReplyBuf::Out => s.write_all(&w.out),
+            ReplyBuf::Buf {
+                start,
+                payload,
+                end,
+            } if end - payload >= SPLIT_SEND_MIN => {
+                s.write_split(&w.buf[start..payload], &w.buf[payload..end])
+            }
+            // Small replies: one write, one segment.
+            ReplyBuf::Buf { start, end, .. } => s.write_all(&w.buf[start..end]),
+        };
+        if let Err(e) = r {
             drop(s);
             tracing::debug!(conn = self.id, "sending a reply failed, closing: {e}");
             self.close(Some(Shutdown::Both));

@@ -21,8 +21,13 @@ pub(crate) const HOLE_SCAN_MIN_READ: u32 = 64 * 1024;
 const MIN_HOLE_CHUNK: u64 = 4096;
 /// At most this many hole chunks per read; the rest is sent as data.
 const MAX_HOLE_CHUNKS: usize = 64;
+/// Read payloads start at this alignment in the worker buffer (the reply
+/// header sits just before). Misaligned 1 MiB reads cost ~25% of
+/// throughput: both kernel copies (page cache -> buffer, buffer -> socket)
+/// slow down when the user address is not page aligned.
+const PAYLOAD_ALIGN: usize = 4096;
 /// Worker buffers larger than this are released after the request.
-const RETAIN_BUFFER: usize = 4 * 1024 * 1024 + 64;
+const RETAIN_BUFFER: usize = 4 * 1024 * 1024 + 2 * PAYLOAD_ALIGN;
 
 #[derive(Clone, Copy, Debug)]
 enum Seg {
@@ -35,6 +40,8 @@ enum Seg {
 pub(crate) struct Worker {
     /// WRITE payloads, and READ replies (header + data in one buffer).
     pub buf: Vec<u8>,
+    /// Where the current WRITE payload starts in `buf` (page aligned).
+    pub payload_at: usize,
     /// Small replies, error chunks and block status chunks.
     pub out: Vec<u8>,
     plan: Vec<Seg>,
@@ -48,6 +55,15 @@ impl Worker {
         if self.buf.len() < n {
             self.buf.resize(n, 0);
         }
+    }
+
+    /// Make room for a reply of `n` bytes whose first `header` bytes
+    /// precede a payload that must start at a [`PAYLOAD_ALIGN`] boundary
+    /// in memory; returns where the reply starts in `buf`.
+    pub(crate) fn ensure_aligned(&mut self, header: usize, n: usize) -> usize {
+        self.ensure(n + PAYLOAD_ALIGN);
+        let addr = self.buf.as_ptr() as usize + header;
+        (PAYLOAD_ALIGN - addr % PAYLOAD_ALIGN) % PAYLOAD_ALIGN
     }
 
     /// Release buffers grown by unusually large requests.
@@ -66,8 +82,13 @@ impl Worker {
 pub(crate) enum ReplyBuf {
     /// `worker.out`.
     Out,
-    /// `worker.buf[..n]`.
-    Buf(usize),
+    /// `worker.buf[start..end]`, whose bulk payload starts (page aligned)
+    /// at `payload` (`== start` when there is no separate header).
+    Buf {
+        start: usize,
+        payload: usize,
+        end: usize,
+    },
 }
 
 /// What a request runs against.
@@ -177,10 +198,11 @@ pub(crate) fn execute(t: &Target<'_>, w: &mut Worker, v: ValidRequest) -> ReplyB
             if len == 0 {
                 return ok(w, cookie);
             }
-            match t
-                .disk
-                .write_at(&w.buf[..len as usize], offset, WriteOpts { fua, epoch: 0 })
-            {
+            match t.disk.write_at(
+                &w.buf[w.payload_at..w.payload_at + len as usize],
+                offset,
+                WriteOpts { fua, epoch: 0 },
+            ) {
                 Ok(()) => {
                     bump(&s.bytes_written, u64::from(len));
                     ok(w, cookie)
@@ -314,15 +336,17 @@ fn read(t: &Target<'_>, w: &mut Worker, cookie: u64, offset: u64, len: u32, df: 
     let n = len as usize;
     if !t.structured {
         // Header then data, one buffer, one write.
-        w.ensure(SIMPLE_REPLY_LEN + n);
-        return match t
-            .disk
-            .read_at(&mut w.buf[SIMPLE_REPLY_LEN..SIMPLE_REPLY_LEN + n], offset)
-        {
+        let start = w.ensure_aligned(SIMPLE_REPLY_LEN, SIMPLE_REPLY_LEN + n);
+        let data = start + SIMPLE_REPLY_LEN;
+        return match t.disk.read_at(&mut w.buf[data..data + n], offset) {
             Ok(()) => {
-                w.buf[..SIMPLE_REPLY_LEN].copy_from_slice(&simple_reply(cookie, 0));
+                w.buf[start..data].copy_from_slice(&simple_reply(cookie, 0));
                 bump(&t.stats.bytes_read, u64::from(len));
-                ReplyBuf::Buf(SIMPLE_REPLY_LEN + n)
+                ReplyBuf::Buf {
+                    start,
+                    payload: data,
+                    end: data + n,
+                }
             }
             Err(e) => io_fail(t, w, cookie, &e, false),
         };
@@ -347,9 +371,13 @@ fn read(t: &Target<'_>, w: &mut Worker, cookie: u64, offset: u64, len: u32, df: 
             Seg::Hole { .. } => OFFSET_HOLE_CHUNK_LEN,
         })
         .sum();
-    w.ensure(total);
+    let first_header = match w.plan.first() {
+        Some(Seg::Data { .. }) => OFFSET_DATA_HEADER_LEN,
+        _ => OFFSET_HOLE_CHUNK_LEN,
+    };
+    let start = w.ensure_aligned(first_header, total);
     let Worker { buf, plan, .. } = w;
-    let mut pos = 0;
+    let mut pos = start;
     let last = plan.len() - 1;
     for (i, seg) in plan.iter().enumerate() {
         let done = i == last;
@@ -373,7 +401,11 @@ fn read(t: &Target<'_>, w: &mut Worker, cookie: u64, offset: u64, len: u32, df: 
         }
     }
     bump(&t.stats.bytes_read, u64::from(len));
-    ReplyBuf::Buf(pos)
+    ReplyBuf::Buf {
+        start,
+        payload: start + first_header,
+        end: pos,
+    }
 }
 
 /// Split a read into data and hole segments. Holes come from one
