@@ -97,6 +97,8 @@ def main():
     ap.add_argument("--runtime", type=int, default=8)
     ap.add_argument("--servers", default="understudy,understudy+3bitmaps,qemu-nbd,nbdkit")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-rotate-images", dest="rotate_images", action="store_false",
+                    help="keep each server on one image file for the whole run")
     ap.add_argument("--pin", help="SERVER_CPUS:CLIENT_CPUS, e.g. 1:0 (taskset), to keep the servers and the "
                     "clients off each other's cores and cut the noise")
     args = ap.parse_args()
@@ -122,11 +124,29 @@ def main():
                 f.write(chunk)
     results = {s: {w[0]: [] for w in WORKLOADS} for s in servers}
     procs = {}
-    try:
-        for s in servers:
+    files = [images[s] for s in servers]
+
+    def restart(r):
+        # Each round every server gets another image file: the page-cache
+        # state of a file (folio sizes, what writeback has reached) moved
+        # one server's 4 KiB rows by up to 40% for a whole run when the
+        # files were fixed. Sidecars go, so no server inherits bitmaps.
+        for s, (p, _) in list(procs.items()):
+            stop(p, work)
+        procs.clear()
+        for f in files:
+            for suffix in (".bitmaps", ".bitmaps-intent", ".bitmaps.tmp"):
+                if os.path.exists(f + suffix):
+                    os.remove(f + suffix)
+        for i, s in enumerate(servers):
             port = free_port()
-            procs[s] = (start(s, images[s], port, work), f"nbd://127.0.0.1:{port}/bench")
+            img = files[(i + r) % len(files)] if args.rotate_images else images[s]
+            procs[s] = (start(s, img, port, work), f"nbd://127.0.0.1:{port}/bench")
+
+    try:
         for r in range(args.rounds):
+            if r == 0 or args.rotate_images:
+                restart(r)
             for wi, (name, fn) in enumerate(WORKLOADS):
                 k = (r + wi) % len(servers)
                 for s in servers[k:] + servers[:k]:
@@ -142,7 +162,7 @@ def main():
         print(json.dumps({"medians": med, "raw": results}, indent=2))
         return
     print(f"image {args.size_gib} GiB, {args.rounds} rounds, {args.runtime} s per fio run, "
-          f"medians; nproc={os.cpu_count()}, pin (server:client)={args.pin}, load after: {os.getloadavg()[0]:.1f}")
+          f"medians; images rotated: {args.rotate_images}; nproc={os.cpu_count()}, pin (server:client)={args.pin}, load after: {os.getloadavg()[0]:.1f}")
     print()
     hdr = "| workload | " + " | ".join(servers) + " | us/nbdkit | us/qemu-nbd | 3 bitmaps/none |"
     print(hdr)
