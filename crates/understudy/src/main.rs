@@ -42,6 +42,15 @@ enum Command {
         #[command(subcommand)]
         cmd: BitmapCmd,
     },
+    /// Show the exports of a running server: where requests go, whether
+    /// the export arrived by migration, its journal and bitmaps.
+    Export {
+        /// Control socket of the server.
+        #[arg(long, default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+        #[command(subcommand)]
+        cmd: ExportCmd,
+    },
     /// Move an export to another server while its clients keep writing
     /// (through the control socket of the server that has it).
     Migrate(migrate::MigrateArgs),
@@ -52,6 +61,16 @@ enum Command {
     Mem {
         #[command(subcommand)]
         cmd: mem::MemCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCmd {
+    /// List the exports.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -147,7 +166,56 @@ fn run(cli: Cli) -> Result<()> {
         Command::Migrate(args) => migrate::run(args),
         Command::Mem { cmd } => mem::run(cmd),
         Command::Bitmap { control, cmd } => bitmap_cmd(&control, cmd),
+        Command::Export { control, cmd } => export_cmd(&control, cmd),
     }
+}
+
+fn export_cmd(control: &std::path::Path, cmd: ExportCmd) -> Result<()> {
+    let mut c = control::client::Client::connect(control)?;
+    match cmd {
+        ExportCmd::List { json } => {
+            let r = c.call("export.list", serde_json::json!({}))?;
+            let exports: Vec<control::proto::ExportEntry> = serde_json::from_value(r)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&exports)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:<7} {:>14} {:<10} {:<9} {:<28} {:>7}  PATH",
+                "EXPORT", "FORMAT", "SIZE", "SERVING", "RECEIVED", "JOURNAL", "BITMAPS"
+            );
+            for e in &exports {
+                let journal = match &e.journal {
+                    None => "-".to_string(),
+                    Some(j) => format!(
+                        "{} e{} durable e{}",
+                        match j.interval_ms {
+                            Some(ms) => format!("{}:{ms}ms", j.flush),
+                            None => j.flush.clone(),
+                        },
+                        j.current_epoch,
+                        j.durable_epoch
+                    ),
+                };
+                println!(
+                    "{:<16} {:<7} {:>14} {:<10} {:<9} {:<28} {:>7}  {}",
+                    e.name,
+                    e.format,
+                    e.size,
+                    if e.read_only {
+                        format!("{} (ro)", e.serving)
+                    } else {
+                        e.serving.clone()
+                    },
+                    e.received,
+                    journal,
+                    e.bitmaps.len(),
+                    e.path
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn bitmap_cmd(control: &std::path::Path, cmd: BitmapCmd) -> Result<()> {

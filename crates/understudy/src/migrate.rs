@@ -140,6 +140,17 @@ impl TargetHooks for Manager {
 }
 
 impl Manager {
+    /// Exports received by migration and served from the migration
+    /// directory (the daemon's own `--export`s are not among them).
+    pub fn received_exports(&self) -> Vec<SourceExport> {
+        let received = self.received.lock().clone();
+        let exports = self.exports.lock();
+        received
+            .iter()
+            .filter_map(|n| exports.get(n).cloned())
+            .collect()
+    }
+
     /// Set up migration for the daemon: register `exports`, serve the owned
     /// images in the migration directory and start listening for peers.
     pub fn start(

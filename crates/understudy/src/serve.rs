@@ -24,7 +24,8 @@ use understudy_journal::{EpochDisk, FlushPolicy, JournalConfig};
 use understudy_nbd_server::{DirtyMapSource, Export, OrderSupport, Server, ServerConfig};
 
 use crate::control::proto::{
-    BitmapEntry, BitmapParams, CONTROL_VERSION, DirtyRun, ExportEntry, Request, Response,
+    BitmapEntry, BitmapParams, CONTROL_VERSION, DirtyRun, ExportEntry, JournalEntry, Request,
+    Response,
 };
 use crate::control::server::{ControlServer, Handler};
 use crate::spec::{ExportSpec, FlushMode, check_granularity, parse_size};
@@ -459,7 +460,8 @@ impl Daemon {
     }
 
     fn entries(&self) -> Vec<ExportEntry> {
-        self.exports
+        let mut out: Vec<ExportEntry> = self
+            .exports
             .values()
             .map(|st| ExportEntry {
                 name: st.spec.name.clone(),
@@ -472,8 +474,82 @@ impl Daemon {
                     .as_ref()
                     .map(|s| bitmap_entries(s))
                     .unwrap_or_default(),
+                serving: st
+                    .migratable
+                    .as_ref()
+                    .map_or("local", |m| route_name(&m.switch))
+                    .into(),
+                received: false,
+                journal: st.journal.as_ref().map(|j| {
+                    let s = j.stats();
+                    let (flush, interval_ms) = match st.spec.journal.as_ref().map(|j| j.flush) {
+                        Some(FlushMode::Ordered(i)) => ("ordered", Some(i.as_millis() as u64)),
+                        _ => ("durable", None),
+                    };
+                    JournalEntry {
+                        flush: flush.into(),
+                        interval_ms,
+                        current_epoch: s.current_epoch,
+                        durable_epoch: s.durable_epoch,
+                        applied_epoch: s.applied_epoch,
+                        used: s.journal_used,
+                        capacity: s.journal_capacity,
+                    }
+                }),
             })
-            .collect()
+            .collect();
+        // Exports that arrived by migration live in the migration manager.
+        for e in self.migration.received_exports() {
+            if self.exports.contains_key(&e.name) {
+                continue;
+            }
+            out.push(ExportEntry {
+                name: e.name.clone(),
+                path: e.image.display().to_string(),
+                format: e.format.to_string(),
+                size: understudy_block::DiskSize::size(&*e.switch),
+                read_only: false,
+                bitmaps: bitmap_entries(&e.store),
+                serving: route_name(&e.switch).into(),
+                received: true,
+                journal: None,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The bitmap store of an export given with `--export` or received by
+    /// migration.
+    fn store_of(&self, export: &str) -> Result<Arc<BitmapStore>, Response> {
+        if let Some(st) = self.exports.get(export) {
+            return st.store.clone().ok_or_else(|| {
+                Response::err(
+                    0,
+                    "unsupported",
+                    format!("export {export:?} is read-only and records no writes"),
+                )
+            });
+        }
+        if let Some(e) = self
+            .migration
+            .received_exports()
+            .into_iter()
+            .find(|e| e.name == export)
+        {
+            return Ok(e.store);
+        }
+        Err(self.export(export).err().unwrap_or_else(|| {
+            Response::err(0, "not_found", format!("no export named {export:?}"))
+        }))
+    }
+}
+
+fn route_name(switch: &understudy_migration::SwitchDisk) -> &'static str {
+    match switch.route() {
+        understudy_migration::Route::Local => "local",
+        understudy_migration::Route::Forward(_) => "forwarded",
+        understudy_migration::Route::Fail(_) => "failed",
     }
 }
 
@@ -548,17 +624,11 @@ impl Daemon {
                 );
             }
         };
-        let st = match self.export(&p.export) {
-            Ok(st) => st,
+        let store = match self.store_of(&p.export) {
+            Ok(s) => s,
             Err(r) => return r,
         };
-        let Some(store) = &st.store else {
-            return Response::err(
-                0,
-                "unsupported",
-                format!("export {:?} is read-only and records no writes", p.export),
-            );
-        };
+        let store = &*store;
         if method == "bitmap.list" {
             return Response::ok(0, json!(bitmap_entries(store)));
         }

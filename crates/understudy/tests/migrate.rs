@@ -173,6 +173,32 @@ fn migrate_with_a_connected_client_then_back_incrementally() {
             .success()
     );
     qemu_io_ok(&p.b.uri("vm"), &["read -P 0x6b 10M 64k".into()]);
+    // Both servers say so, and B's copy has bitmaps a user can manage.
+    let list = |s: &Server| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ctl_ok(&["export", "list", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "vm")
+            .cloned()
+            .unwrap_or_else(|| panic!("no vm in {v}"))
+    };
+    let on_a = list(&p.a);
+    assert_eq!(on_a["serving"], "forwarded", "{on_a}");
+    assert_eq!(on_a["received"], false, "{on_a}");
+    let on_b = list(&p.b);
+    assert_eq!(on_b["serving"], "local", "{on_b}");
+    assert_eq!(on_b["received"], true, "{on_b}");
+    assert_eq!(on_b["size"], on_a["size"]);
+    assert!(p.b.ctl_ok(&["export", "list"]).contains("vm"));
+    p.b.ctl_ok(&["bitmap", "add", "vm", "backup"]);
+    qemu_io_ok(&p.b.uri("vm"), &["write -P 0x44 22M 64k".into()]);
+    qemu_io_ok(
+        p.expected.to_str().unwrap(),
+        &["write -P 0x44 22M 64k".into()],
+    );
+    assert_eq!(p.b.dirty_runs("vm", "backup"), vec![(22 << 20, 64 << 10)]);
 
     // Change a little on B, then move it back to A: only that is sent.
     qemu_io_ok(&p.b.uri("vm"), &["write -P 0x33 20M 128k".into()]);
@@ -185,11 +211,11 @@ fn migrate_with_a_connected_client_then_back_incrementally() {
     let back: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(back["phase"], "completed", "{out}");
     assert_eq!(back["start"], "incremental", "{back}");
-    // B changed 128 KiB plus whatever the forwarded client wrote after the
+    // B changed 192 KiB plus whatever the forwarded client wrote after the
     // commit; the seed data (5 MiB) is not sent again.
     let sent = back["data_bytes"].as_u64().unwrap();
     assert!(
-        (128 << 10..=(128 << 10) + 120 * (64 << 10)).contains(&sent),
+        (192 << 10..=(192 << 10) + 120 * (64 << 10)).contains(&sent),
         "{back}"
     );
     compare(&p.expected, &p.img);

@@ -219,6 +219,16 @@ fn qemu_io_on_an_ordered_export_reads_its_writes_and_keeps_them() {
     // With a 1 h interval nothing forced durability yet: the data lives in
     // the journal, and the image file has not been written.
     assert!(read_file(&img, 0, BLOCK).iter().all(|&b| b == 0));
+    // The export list shows the journal: two flushes closed epochs 1 and 2
+    // without making them durable.
+    let v: serde_json::Value =
+        serde_json::from_str(&srv.ctl_ok(&["export", "list", "--json"])).unwrap();
+    let j = &v[0]["journal"];
+    assert_eq!(j["flush"], "ordered", "{v}");
+    assert_eq!(j["interval_ms"], 3_600_000, "{v}");
+    assert!(j["current_epoch"].as_u64().unwrap() >= 3, "{v}");
+    assert_eq!(j["durable_epoch"], 0, "{v}");
+    assert!(j["used"].as_u64().unwrap() > 1 << 20, "{v}");
     // A clean stop makes everything durable and applies it to the image.
     assert!(srv.stop(), "clean stop failed");
     assert!(read_file(&img, 0, 512 << 10).iter().all(|&b| b == 0x5a));

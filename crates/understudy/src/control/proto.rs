@@ -116,6 +116,41 @@ pub struct ExportEntry {
     pub read_only: bool,
     /// Bitmaps.
     pub bitmaps: Vec<BitmapEntry>,
+    /// Where requests go: `local` (this server owns the image),
+    /// `forwarded` (migrated away; requests go to the new owner until the
+    /// clients reconnect there) or `failed` (ownership in doubt, requests
+    /// fail; see docs/migration.md).
+    #[serde(default = "local_route")]
+    pub serving: String,
+    /// The export arrived here by live migration (`--accept-migrations`).
+    #[serde(default)]
+    pub received: bool,
+    /// The epoch journal, for `journal=on` / `flush=ordered` exports.
+    #[serde(default)]
+    pub journal: Option<JournalEntry>,
+}
+
+fn local_route() -> String {
+    "local".into()
+}
+
+/// The epoch journal of an export, as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// `durable` or `ordered`.
+    pub flush: String,
+    /// For `ordered`: closed epochs become durable within this many ms.
+    pub interval_ms: Option<u64>,
+    /// The open epoch.
+    pub current_epoch: u64,
+    /// Every epoch up to this one is durable.
+    pub durable_epoch: u64,
+    /// Every epoch up to this one is applied to the image.
+    pub applied_epoch: u64,
+    /// Journal bytes in use.
+    pub used: u64,
+    /// Journal size.
+    pub capacity: u64,
 }
 
 /// A run of the dirty map.
