@@ -1394,8 +1394,20 @@ impl DiskWrite for EpochDisk {
         if let Some(f) = &st.failed {
             return Err(failed_err(f, "order"));
         }
+        let had_pending = st.closed_upto > st.durable_epoch;
         let e = st.close().unwrap_or(st.closed_upto);
-        self.sh.cv_writer.notify_one();
+        // Under Ordered the writer only has to hear of the first epoch
+        // waiting for durability (its interval deadline counts from that
+        // epoch, which a later close does not move) and of a ring past its
+        // high-water mark. Waking it on every order cost a context switch
+        // and a contended lock per NBD FLUSH.
+        let wake = match self.sh.policy {
+            FlushPolicy::Durable => true,
+            FlushPolicy::Ordered { .. } => !had_pending || st.used() * 2 > self.sh.cap,
+        };
+        if wake {
+            self.sh.cv_writer.notify_one();
+        }
         Ok(e)
     }
 }

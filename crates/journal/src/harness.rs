@@ -493,6 +493,17 @@ pub fn crash_test(
                 acks.push((world.event_count(), p));
             }
         }
+        // A clean stop applies what is left to the image, so an image
+        // failpoint that the writer thread had not reached while the
+        // workload ran (it applies in the background, on its own schedule)
+        // still surfaces, here, instead of depending on timing. The stop's
+        // own events become crash points too.
+        if out.first_error.is_none()
+            && let Some(d) = &epoch_disk
+            && let Err(e) = d.stop()
+        {
+            out.first_error = Some(format!("at stop: {e}"));
+        }
         out.stats = epoch_disk.as_ref().map(|d| d.stats());
         drop(epoch_disk);
         drop(disk);
