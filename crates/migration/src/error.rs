@@ -84,6 +84,19 @@ pub enum RecordError {
 /// Errors of a migration, on the source side.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    /// The commit went out and its answer did not come back.
+    #[error(
+        "the answer to the commit from node {node} was lost, so ownership is in doubt and I/O \
+         on this node fails: retry the migration to node {node} to settle it (it asks the \
+         target whether it committed)"
+    )]
+    InDoubt {
+        /// Target node id.
+        node: String,
+        /// Cause.
+        #[source]
+        source: Box<MigrationError>,
+    },
     /// Connecting or authenticating to the target failed.
     #[error("cannot open a peer link to {addr}")]
     Connect {
@@ -196,6 +209,7 @@ impl MigrationError {
             MigrationError::Send { .. }
             | MigrationError::Recv { .. }
             | MigrationError::DrainTimeout { .. }
+            | MigrationError::InDoubt { .. }
             | MigrationError::Cancelled => true,
             MigrationError::Target { code, .. } => *code == crate::wire::code::NO_SPACE,
             _ => false,

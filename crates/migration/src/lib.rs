@@ -39,5 +39,5 @@ pub use source::{
 };
 pub use switch::{Hold, Route, SwitchDisk};
 pub use target::{
-    DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService, open_existing,
+    CommitFault, DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService, open_existing,
 };

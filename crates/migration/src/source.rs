@@ -220,6 +220,10 @@ pub struct Status {
     pub error: Option<String>,
     /// Whether a retry may succeed.
     pub retryable: bool,
+    /// How an ownership left in doubt by a lost commit answer was settled
+    /// at the start of this attempt, if it was.
+    #[serde(default)]
+    pub settled: Option<String>,
 }
 
 impl Status {
@@ -245,6 +249,7 @@ impl Status {
             mismatched_blocks: 0,
             error: None,
             retryable: false,
+            settled: None,
         }
     }
 }
@@ -571,6 +576,60 @@ impl Drop for Session<'_> {
     }
 }
 
+/// The first answer to Hello, with the peer's error code kept.
+fn rx_first(rx: &mut understudy_peer::LinkReceiver) -> Result<(u16, Vec<u8>), PeerError> {
+    let mut buf = Vec::new();
+    rx.recv_into(&mut buf).map(|t| (t, buf))
+}
+
+/// The target says it committed the handover whose answer this node lost:
+/// record the handover (as a completed commit would have) and stop serving.
+fn settle_handed_over(
+    export: &SourceExport,
+    hooks: &dyn SourceHooks,
+    status: &Mutex<Status>,
+    mut rec: record::OwnerRecord,
+    target_node: &str,
+    message: &str,
+) -> Result<(), MigrationError> {
+    let store = &export.store;
+    let peer_bitmap = rec.peer(target_node).and_then(|p| p.bitmap.clone());
+    rec.generation += 1;
+    rec.state = OwnerState::HandedOver {
+        to: target_node.to_owned(),
+    };
+    rec.set_peer(PeerRecord {
+        node: target_node.to_owned(),
+        generation: rec.generation,
+        bitmap: None,
+    });
+    record::store(&export.image, &rec).map_err(record_err)?;
+    for b in [Some(MIGRATION_BITMAP.to_owned()), peer_bitmap]
+        .into_iter()
+        .flatten()
+    {
+        if store.get(&b).is_some()
+            && let Err(e) = store.remove(&b)
+        {
+            tracing::warn!(bitmap = %b, "cannot remove a migration bitmap after the handover: {e}");
+        }
+    }
+    export.switch.set_route(Route::Fail(Arc::from(format!(
+        "export {} was handed over to node {target_node} (generation {}): reconnect to that node",
+        export.name, rec.generation
+    ))));
+    hooks.committed(&export.name, target_node);
+    tracing::warn!(export = %export.name, target = %target_node, generation = rec.generation,
+        "ownership was in doubt; the target had committed, so the handover stands: {message}");
+    let mut st = status.lock();
+    st.settled = Some(format!(
+        "target had committed generation {}; the handover stands",
+        rec.generation
+    ));
+    st.start = Some("settled".into());
+    Ok(())
+}
+
 fn run(
     export: &SourceExport,
     opts: &MigrateOptions,
@@ -579,14 +638,22 @@ fn run(
     cancel: &AtomicBool,
     started: Instant,
 ) -> Result<(), MigrationError> {
-    if !export.switch.is_local() {
-        return Err(MigrationError::NotMigratable {
-            name: export.name.clone(),
-            reason: "this node does not own it (it was handed over)".into(),
-        });
-    }
     let mut rec = record::load_or_create(&export.image, &export.name).map_err(record_err)?;
-    rec.check_servable(&export.image).map_err(record_err)?;
+    // A commit whose answer was lost: retrying to the same target settles
+    // who owns the disk (below), so it is allowed while I/O fails.
+    let in_doubt = match &rec.state {
+        OwnerState::Handing { to, migration_id } => Some((to.clone(), migration_id.clone())),
+        _ => None,
+    };
+    if in_doubt.is_none() {
+        if !export.switch.is_local() {
+            return Err(MigrationError::NotMigratable {
+                name: export.name.clone(),
+                reason: "this node does not own it (it was handed over)".into(),
+            });
+        }
+        rec.check_servable(&export.image).map_err(record_err)?;
+    }
     let disk: &dyn Disk = &*export.filter;
     let size = disk.size();
 
@@ -597,6 +664,18 @@ fn run(
         })?;
     let target_node = link.peer().node_id.clone();
     status.lock().target_node = Some(target_node.clone());
+    if let Some((to, _)) = &in_doubt
+        && *to != target_node
+    {
+        return Err(MigrationError::NotMigratable {
+            name: export.name.clone(),
+            reason: format!(
+                "ownership is in doubt after a lost commit answer from node {to}, and {} is node \
+                 {target_node}: retry the migration to node {to} so the two sides can settle it",
+                opts.to
+            ),
+        });
+    }
 
     // Same target as an interrupted attempt: resume it.
     let store = &export.store;
@@ -605,6 +684,11 @@ fn run(
             if o.to == target_node && store.get(MIGRATION_BITMAP).is_some() =>
         {
             o.migration_id.clone()
+        }
+        OwnerState::Handing { to, migration_id }
+            if *to == target_node && store.get(MIGRATION_BITMAP).is_some() =>
+        {
+            migration_id.clone()
         }
         _ => {
             if store.get(MIGRATION_BITMAP).is_some() {
@@ -617,13 +701,18 @@ fn run(
         }
     };
     store.enable(MIGRATION_BITMAP).map_err(bitmap_err)?;
-    rec.state = OwnerState::Owner {
+    let owning = OwnerState::Owner {
         migrating: Some(Outgoing {
             to: target_node.clone(),
             migration_id: migration_id.clone(),
         }),
     };
-    record::store(&export.image, &rec).map_err(record_err)?;
+    // In doubt, the record stays `handing` until the target has said
+    // whether it committed.
+    if in_doubt.is_none() {
+        rec.state = owning.clone();
+        record::store(&export.image, &rec).map_err(record_err)?;
+    }
     let p_bitmap = store
         .get(MIGRATION_BITMAP)
         .ok_or_else(|| MigrationError::Protocol {
@@ -671,7 +760,28 @@ fn run(
             Err(source) => Err(MigrationError::Recv { source }),
         }
     };
-    let (t, buf) = recv(&mut rx)?;
+    let (t, buf) = match rx_first(&mut rx) {
+        Ok(x) => x,
+        Err(PeerError::Remote { code, message })
+            if code == wire::refusal::COMMITTED && in_doubt.is_some() =>
+        {
+            // The target did commit: the handover happened.
+            return settle_handed_over(export, hooks, status, rec, &target_node, &message);
+        }
+        Err(PeerError::Remote { message, .. }) => return Err(MigrationError::Refused { message }),
+        Err(source) => return Err(MigrationError::Recv { source }),
+    };
+    if in_doubt.is_some() {
+        // The target answered a Hello for this disk without owning it: the
+        // commit never took effect there, so this node is the owner again
+        // and its clients get their disk back while the migration resumes.
+        rec.state = owning;
+        record::store(&export.image, &rec).map_err(record_err)?;
+        export.switch.set_route(Route::Local);
+        tracing::warn!(export = %export.name, target = %target_node,
+            "ownership was in doubt; the target never committed, so this node owns the disk again");
+        status.lock().settled = Some("target had not committed; this node kept the disk".into());
+    }
     let welcome = match Msg::decode(t, &buf).map_err(|source| MigrationError::Wire { source })? {
         Msg::Welcome(w) => w,
         other => {
@@ -1002,11 +1112,15 @@ fn run_session(
             // target may own the disk now. Serving on could make two owners.
             let msg: Arc<str> = Arc::from(format!(
                 "ownership of export {} is in doubt after a lost commit answer from node \
-                 {target_node}: check that node (see docs/migration.md, 'in doubt')",
+                 {target_node}: retry the migration to that node to settle it (docs/migration.md, \
+                 'in doubt')",
                 export.name
             ));
             hold.release(Route::Fail(msg));
-            return Err(e);
+            return Err(MigrationError::InDoubt {
+                node: target_node.clone(),
+                source: Box::new(e),
+            });
         }
     }
     let t_commit = hold.since().elapsed();

@@ -47,6 +47,19 @@ pub struct TargetConfig {
     pub persist_interval: std::time::Duration,
     /// Fault injection for tests. Default: none.
     pub disk_wrapper: Option<DiskWrapper>,
+    /// Fault injection for tests: the next `Commit` meets this fault (it
+    /// is taken out by that commit). Default: none.
+    pub commit_fault: Option<Arc<Mutex<Option<CommitFault>>>>,
+}
+
+/// What a test makes happen at the next commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitFault {
+    /// Commit, then end the session without answering (the answer is
+    /// lost on the way).
+    LoseAnswer,
+    /// End the session before committing (the target died on receipt).
+    DieBeforeCommit,
 }
 
 impl fmt::Debug for TargetConfig {
@@ -67,6 +80,7 @@ impl TargetConfig {
             store: StoreOptions::default(),
             persist_interval: std::time::Duration::from_secs(5),
             disk_wrapper: None,
+            commit_fault: None,
         }
     }
 }
@@ -261,6 +275,7 @@ struct Receiving<'a> {
     sticky: Option<(u32, String)>,
     committed: bool,
     source_node: String,
+    commit_fault: Option<Arc<Mutex<Option<CommitFault>>>>,
     /// Last, so it is dropped last: a retry that claims the name must find
     /// this session's image and bitmap store (whose lock lives as long as
     /// `export`) already closed.
@@ -509,6 +524,23 @@ pub fn receive(
             let incremental_ok =
                 hello.base_generation != 0 && hello.base_generation == rec.generation;
             let start = match &rec.state {
+                OwnerState::Owner { .. }
+                    if rec.generation == hello.generation + 1
+                        && rec
+                            .peer(&source_node)
+                            .is_some_and(|p| p.generation == rec.generation) =>
+                {
+                    // This source handed the disk to us at exactly this
+                    // generation and is asking again: it lost our commit
+                    // answer. Tell it the commit stands.
+                    let msg = format!(
+                        "this node took ownership of {} from node {source_node} at generation {}: \
+                         the commit went through",
+                        hello.name, rec.generation
+                    );
+                    let _ = link.send_error(crate::wire::refusal::COMMITTED, &msg);
+                    return Err(TargetError::Refused(msg));
+                }
                 OwnerState::Owner { .. } => {
                     return Err(refuse(
                         &link,
@@ -637,6 +669,7 @@ pub fn receive(
         sticky: None,
         committed: false,
         source_node,
+        commit_fault: cfg.commit_fault.clone(),
     };
     let result = session_loop(&mut link, &mut r, hooks);
     if !r.committed && r.owned_here {
@@ -740,13 +773,25 @@ fn session_loop(
                     Err((c, m)) => reply(link, id, c, m.as_bytes())?,
                 }
             }
-            Msg::Commit { id, generation } if !r.committed => match commit(r, generation, hooks) {
-                Ok(()) => {
-                    reply(link, id, code::OK, &[])?;
-                    after_commit(r);
+            Msg::Commit { id, generation } if !r.committed => {
+                let fault = r.commit_fault.as_ref().and_then(|f| f.lock().take());
+                if fault == Some(CommitFault::DieBeforeCommit) {
+                    tracing::warn!(export = %r.export.name, "test fault: ending the session instead of committing");
+                    return Ok(());
                 }
-                Err((c, m)) => reply(link, id, c, m.as_bytes())?,
-            },
+                match commit(r, generation, hooks) {
+                    Ok(()) if fault == Some(CommitFault::LoseAnswer) => {
+                        after_commit(r);
+                        tracing::warn!(export = %r.export.name, "test fault: dropping the commit answer");
+                        return Ok(());
+                    }
+                    Ok(()) => {
+                        reply(link, id, code::OK, &[])?;
+                        after_commit(r);
+                    }
+                    Err((c, m)) => reply(link, id, c, m.as_bytes())?,
+                }
+            }
             Msg::HashReq {
                 id,
                 offset,

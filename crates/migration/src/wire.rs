@@ -182,6 +182,15 @@ pub mod code {
     pub const REFUSED: u32 = 5;
 }
 
+/// Error codes a target sends instead of a Welcome (peer-level `Error`
+/// frames; generic refusals use `understudy_peer::error_code::REFUSED`).
+pub mod refusal {
+    /// "I already own this disk, at exactly the generation you were handing
+    /// over, received from you": the commit whose answer a source lost did
+    /// take effect. Older sources see a plain refusal.
+    pub const COMMITTED: u32 = understudy_peer::error_code::SERVICE_BASE + 1;
+}
+
 /// One migration message. Data-carrying variants borrow the frame payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg<'a> {

@@ -501,3 +501,88 @@ fn ping_pong_under_a_forwarded_client() {
     expected_image(&w.expected, &cmds);
     assert_same(&w.expected, &w.b.dir.join("vm.img"));
 }
+
+/// The commit reached B and B took ownership, but its answer never came
+/// back: A is in doubt and fails I/O rather than risk two owners. Retrying
+/// the migration to B settles it: B says the commit stands, A records the
+/// handover, and a later migrate-back is incremental as after any commit.
+#[test]
+fn lost_commit_answer_is_settled_by_a_retry_when_the_target_committed() {
+    let w = world();
+    w.b.stop_listening();
+    let b_addr =
+        w.b.listen_with_commit_fault(KEY, understudy_migration::CommitFault::LoseAnswer);
+    let err = run(&w.a, "vm", w.a.opts(&b_addr)).expect_err("the answer was lost");
+    assert!(err.contains("in doubt") && err.contains("retry"), "{err}");
+    let ra = record::load(&w.img).unwrap().unwrap();
+    assert!(
+        matches!(ra.state, OwnerState::Handing { .. }),
+        "{ra:?} after {err}"
+    );
+    assert!(!w.a.export("vm").switch.is_local(), "A must not serve on");
+    let url = w.a.nbd_url("vm");
+    let out = tool("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &url])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("error")
+            || String::from_utf8_lossy(&out.stderr).contains("error")
+            || !out.status.success(),
+        "I/O on A must fail while ownership is in doubt"
+    );
+    let rb = record::load(&w.b.dir.join("vm.img")).unwrap().unwrap();
+    assert!(matches!(rb.state, OwnerState::Owner { .. }));
+
+    // A retry to a different node is refused with the node to use.
+    let c_dir = w._tmp.path().join("c");
+    let c = Node::start("node-c", &c_dir);
+    let c_addr = c.listen(KEY);
+    let e = run(&w.a, "vm", w.a.opts(&c_addr)).expect_err("wrong node");
+    assert!(e.contains("node-b"), "{e}");
+
+    let st = run(&w.a, "vm", w.a.opts(&b_addr)).expect("settled");
+    assert_eq!(st.phase, Phase::Completed);
+    assert_eq!(st.start.as_deref(), Some("settled"));
+    assert!(
+        st.settled.as_deref().unwrap().contains("committed"),
+        "{st:?}"
+    );
+    assert_eq!(st.data_bytes, 0);
+    check_owned_by_b(&w);
+    assert_same(&w.expected, &w.b.dir.join("vm.img"));
+
+    // Back to A: incremental, nothing changed.
+    let a_addr = w.a.listen(KEY);
+    let back = run(&w.b, "vm", w.b.opts(&a_addr)).unwrap();
+    assert_eq!(back.start.as_deref(), Some("incremental"), "{back:?}");
+    assert_eq!(back.data_bytes, 0, "{back:?}");
+}
+
+/// B died on receipt of the commit, before committing: A is in doubt; a
+/// retry finds B still receiving, so A is the owner again, its clients get
+/// their disk back, and the migration resumes and completes.
+#[test]
+fn lost_commit_answer_is_settled_by_a_retry_when_the_target_did_not_commit() {
+    let w = world();
+    w.b.stop_listening();
+    let b_addr =
+        w.b.listen_with_commit_fault(KEY, understudy_migration::CommitFault::DieBeforeCommit);
+    run(&w.a, "vm", w.a.opts(&b_addr)).expect_err("no answer");
+    let ra = record::load(&w.img).unwrap().unwrap();
+    assert!(matches!(ra.state, OwnerState::Handing { .. }), "{ra:?}");
+    assert!(!w.a.export("vm").switch.is_local());
+    let rb = record::load(&w.b.dir.join("vm.img")).unwrap().unwrap();
+    assert!(matches!(rb.state, OwnerState::Receiving { .. }), "{rb:?}");
+
+    // The retry settles (A keeps the disk) and then finishes the move.
+    let st = run(&w.a, "vm", w.a.opts(&b_addr)).expect("resumed");
+    assert!(st.settled.as_deref().unwrap().contains("kept"), "{st:?}");
+    assert_eq!(st.start.as_deref(), Some("resume"), "{st:?}");
+    assert!(
+        st.bulk_bytes == 0,
+        "everything was sent before the commit: {st:?}"
+    );
+    check_owned_by_b(&w);
+    assert_same(&w.expected, &w.b.dir.join("vm.img"));
+}

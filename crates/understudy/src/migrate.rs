@@ -523,6 +523,12 @@ pub fn run(args: MigrateArgs) -> Result<()> {
 }
 
 fn print_summary(st: &Status) {
+    if let Some(s) = &st.settled {
+        println!(
+            "ownership of {} was in doubt after a lost commit answer: {s}",
+            st.export
+        );
+    }
     match st.phase {
         Phase::Completed => {
             println!(

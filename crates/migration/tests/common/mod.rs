@@ -139,6 +139,20 @@ impl Node {
         a
     }
 
+    /// Listen with a fault armed for the next commit.
+    pub fn listen_with_commit_fault(
+        self: &Arc<Self>,
+        key: &[u8],
+        fault: understudy_migration::CommitFault,
+    ) -> String {
+        let mut cfg = TargetConfig::new(self.dir.clone(), peer_cfg(&self.id, key));
+        cfg.commit_fault = Some(Arc::new(Mutex::new(Some(fault))));
+        let t = TargetService::start("127.0.0.1:0", cfg, self.clone()).unwrap();
+        let a = t.local_addr().to_owned();
+        *self.target.lock() = Some(t);
+        a
+    }
+
     pub fn stop_listening(&self) {
         if let Some(t) = self.target.lock().take() {
             t.stop();
