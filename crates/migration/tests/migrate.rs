@@ -229,8 +229,12 @@ fn cut_in(phase: Phase, mode: Mode) {
     let st = run(&w.a, "vm", opts).unwrap();
     assert_eq!(st.start.as_deref(), Some("resume"), "{st:?}");
     if phase != Phase::Bulk {
+        // The bulk was complete before the cut. The resume's bulk may only
+        // pick up a block the writer was writing into a hole right then
+        // (allocated on disk, not yet marked in the bitmap, which happens
+        // after the data write): qemu-io has one 64 KiB write in flight.
         assert!(
-            st.bulk_bytes == 0,
+            st.bulk_bytes <= 2 * (64 << 10),
             "bulk was complete before the cut: {st:?}"
         );
     } else {
