@@ -151,6 +151,7 @@ impl Conn {
         let id = match &m {
             Msg::Flush { id }
             | Msg::Mirror { id, .. }
+            | Msg::MirrorZero { id, .. }
             | Msg::Commit { id, .. }
             | Msg::HashReq { id, .. }
             | Msg::FwdRead { id, .. }

@@ -7,8 +7,11 @@
 //!   it before the guest's write is acknowledged, under a range lock shared
 //!   with the background copy, so a background extent and a guest write of
 //!   the same range reach the target in the order they hit the source disk.
-//!   Write-zeroes and discards, and any mirrored write that fails, are marked
-//!   in `pending` instead (the copy loop sends them).
+//!   Write-zeroes are mirrored the same way when the target speaks protocol
+//!   version 2 (`MirrorZero`). Discards (whose result depends on the
+//!   format: a qcow2 overlay may expose its backing file), write-zeroes to
+//!   a version-1 target, and any mirrored request that fails are marked in
+//!   `pending` instead (the copy loop sends what the source then reads).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,17 +63,29 @@ pub struct MigrationObserver {
     pub locks: RangeLock,
     mirror_failed: AtomicBool,
     mirrored_bytes: AtomicU64,
+    /// The target understands `MirrorZero`.
+    zeroes: bool,
 }
 
 impl MigrationObserver {
-    /// An observer marking `pending`.
-    pub fn new(pending: Arc<DirtyBitmap>) -> Self {
+    /// An observer marking `pending`; `zeroes`: the target understands
+    /// `MirrorZero` (protocol version 2).
+    pub fn new(pending: Arc<DirtyBitmap>, zeroes: bool) -> Self {
         Self {
             pending,
             mirror: RwLock::new(None),
             locks: RangeLock::default(),
             mirror_failed: AtomicBool::new(false),
             mirrored_bytes: AtomicU64::new(0),
+            zeroes,
+        }
+    }
+
+    fn mirrors(&self, kind: &WriteKind<'_>) -> bool {
+        match kind {
+            WriteKind::Data(_) => true,
+            WriteKind::Zeroes(_) => self.zeroes,
+            WriteKind::Discard => false,
         }
     }
 
@@ -102,7 +117,7 @@ impl MigrationObserver {
 
 impl WriteObserver for MigrationObserver {
     fn before_write(&self, op: &WriteOp<'_>) -> Result<WriteToken, ObserverError> {
-        if self.is_mirroring() && matches!(op.kind, WriteKind::Data(_)) {
+        if self.is_mirroring() && self.mirrors(&op.kind) {
             return Ok(WriteToken::new(self.locks.lock(op.offset, op.len)));
         }
         Ok(WriteToken::new(0))
@@ -113,16 +128,30 @@ impl WriteObserver for MigrationObserver {
         let mut sent = false;
         if lock != 0 {
             let conn = self.mirror.read().clone();
-            if let (Some(conn), Ok(()), WriteKind::Data(data)) = (conn, outcome, op.kind) {
-                sent = data.chunks(wire::MAX_DATA).enumerate().all(|(i, chunk)| {
-                    let m = Msg::Mirror {
-                        id: conn.next_id(),
-                        offset: op.offset + (i * wire::MAX_DATA) as u64,
-                        hash: wire::extent_hash(chunk),
-                        data: chunk,
-                    };
-                    conn.request_borrowed("apply a mirrored write", m).is_ok()
-                });
+            if let (Some(conn), Ok(())) = (conn, outcome) {
+                sent = match op.kind {
+                    WriteKind::Data(data) => {
+                        data.chunks(wire::MAX_DATA).enumerate().all(|(i, chunk)| {
+                            let m = Msg::Mirror {
+                                id: conn.next_id(),
+                                offset: op.offset + (i * wire::MAX_DATA) as u64,
+                                hash: wire::extent_hash(chunk),
+                                data: chunk,
+                            };
+                            conn.request_borrowed("apply a mirrored write", m).is_ok()
+                        })
+                    }
+                    WriteKind::Zeroes(_) => {
+                        let m = Msg::MirrorZero {
+                            id: conn.next_id(),
+                            offset: op.offset,
+                            len: op.len,
+                        };
+                        conn.request_borrowed("apply a mirrored write-zeroes", m)
+                            .is_ok()
+                    }
+                    WriteKind::Discard => false,
+                };
                 if sent {
                     self.mirrored_bytes.fetch_add(op.len, Ordering::Relaxed);
                 } else {

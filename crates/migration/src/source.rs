@@ -839,6 +839,7 @@ fn run(
             target_node,
             migration_id,
             start: welcome.start,
+            version: welcome.version,
             have,
             peer_bitmap,
             gran,
@@ -863,6 +864,8 @@ struct SessionPlan {
     target_node: String,
     migration_id: String,
     start: Start,
+    /// The negotiated protocol version.
+    version: u16,
     have: Vec<(u64, u64)>,
     peer_bitmap: Option<String>,
     gran: u64,
@@ -885,6 +888,7 @@ fn run_session(
         target_node,
         migration_id,
         start,
+        version,
         have,
         peer_bitmap,
         gran,
@@ -900,7 +904,10 @@ fn run_session(
             reason: e.to_string(),
         })?,
     );
-    let obs = Arc::new(MigrationObserver::new(pending.clone()));
+    let obs = Arc::new(MigrationObserver::new(
+        pending.clone(),
+        version >= wire::MIRROR_ZERO_VERSION,
+    ));
     export.filter.add_observer(obs.clone());
     let session = Session {
         export,

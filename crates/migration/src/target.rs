@@ -766,6 +766,38 @@ fn session_loop(
                     }
                 }
             }
+            Msg::MirrorZero { offset, len, .. } if !in_range(offset, len) => {
+                let m = format!(
+                    "mirrored zero range at offset {offset} is outside the {size}-byte disk"
+                );
+                let _ = link.send_error(understudy_peer::error_code::PROTOCOL, &m);
+                return Err(TargetError::Protocol(m));
+            }
+            Msg::MirrorZero { id, offset, len } if !r.committed => {
+                // Like a mirrored write: applied below the filter, other
+                // bitmaps marked, not counted as received progress.
+                let res = match &r.sticky {
+                    Some((c, m)) => Err((*c, m.clone())),
+                    None => {
+                        let z = ZeroOpts {
+                            may_unmap: true,
+                            ..ZeroOpts::default()
+                        };
+                        let res = r.export.filter.inner().write_zeroes(offset, len, z);
+                        if res.is_ok() {
+                            r.mark_others(offset, len);
+                        }
+                        res.map_err(|e| (reply_code(&e), block_msg(&e)))
+                    }
+                };
+                match res {
+                    Ok(()) => reply(link, id, code::OK, &[])?,
+                    Err((c, m)) => {
+                        r.sticky.get_or_insert((c, m.clone()));
+                        reply(link, id, c, m.as_bytes())?
+                    }
+                }
+            }
             Msg::Flush { id } if !r.committed => {
                 let res = flush_progress(r);
                 match res {

@@ -12,8 +12,13 @@ use std::fmt;
 
 /// Oldest migration protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
-/// Newest migration protocol version this build speaks.
-pub const MAX_VERSION: u16 = 1;
+/// Newest migration protocol version this build speaks. Version 2 adds
+/// `MirrorZero` (synchronously mirrored write-zeroes); the rest is
+/// unchanged, and with a version-1 peer write-zeroes are copied, not
+/// mirrored.
+pub const MAX_VERSION: u16 = 2;
+/// First version with `MirrorZero`.
+pub const MIRROR_ZERO_VERSION: u16 = 2;
 /// Largest data extent in one message (bytes).
 pub const MAX_DATA: usize = 4 << 20;
 /// Longest export name (bytes).
@@ -45,6 +50,9 @@ pub enum MsgType {
     Flush = 0x0112,
     /// Source → target: a mirrored guest write; reply when applied.
     Mirror = 0x0113,
+    /// Source → target (version 2): a mirrored guest write-zeroes; reply
+    /// when applied.
+    MirrorZero = 0x0114,
     /// Source → target: take ownership at this generation; reply when durable.
     Commit = 0x0120,
     /// Source → target: the migration is abandoned (target keeps the partial image).
@@ -77,6 +85,7 @@ impl MsgType {
             0x0111 => Zero,
             0x0112 => Flush,
             0x0113 => Mirror,
+            0x0114 => MirrorZero,
             0x0120 => Commit,
             0x0121 => Abort,
             0x0130 => HashReq,
@@ -225,6 +234,15 @@ pub enum Msg<'a> {
     Flush {
         /// Request id.
         id: u64,
+    },
+    /// A mirrored guest write-zeroes (version 2).
+    MirrorZero {
+        /// Request id.
+        id: u64,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
     },
     /// A mirrored guest write.
     Mirror {
@@ -456,6 +474,7 @@ impl<'a> Msg<'a> {
             Msg::Zero { .. } => MsgType::Zero,
             Msg::Flush { .. } => MsgType::Flush,
             Msg::Mirror { .. } => MsgType::Mirror,
+            Msg::MirrorZero { .. } => MsgType::MirrorZero,
             Msg::Commit { .. } => MsgType::Commit,
             Msg::Abort { .. } => MsgType::Abort,
             Msg::HashReq { .. } => MsgType::HashReq,
@@ -538,6 +557,11 @@ impl<'a> Msg<'a> {
                 h.extend_from_slice(&offset.to_be_bytes());
                 h.extend_from_slice(&hash.to_be_bytes());
                 tail = data;
+            }
+            Msg::MirrorZero { id, offset, len } => {
+                h.extend_from_slice(&id.to_be_bytes());
+                h.extend_from_slice(&offset.to_be_bytes());
+                h.extend_from_slice(&len.to_be_bytes());
             }
             Msg::Commit { id, generation } => {
                 h.extend_from_slice(&id.to_be_bytes());
@@ -819,6 +843,15 @@ impl<'a> Msg<'a> {
                     flags,
                     data,
                 }
+            }
+            MsgType::MirrorZero => {
+                let mut r = Reader::new(payload, "MirrorZero");
+                let id = r.u64()?;
+                let offset = r.u64()?;
+                let len = r.u64()?;
+                r.end()?;
+                check_range("MirrorZero", offset, len)?;
+                Msg::MirrorZero { id, offset, len }
             }
             MsgType::FwdZero | MsgType::FwdDiscard => {
                 let mut r = Reader::new(payload, "FwdZero");

@@ -590,3 +590,36 @@ fn lost_commit_answer_is_settled_by_a_retry_when_the_target_did_not_commit() {
     check_owned_by_b(&w);
     assert_same(&w.expected, &w.b.dir.join("vm.img"));
 }
+
+/// In mirror mode a guest write-zeroes reaches B (`MirrorZero`, protocol
+/// version 2) before the guest sees it acknowledged, like a data write.
+#[test]
+fn mirror_mode_mirrors_write_zeroes() {
+    let w = world();
+    let mut cmds = Vec::new();
+    for i in 0..150u64 {
+        let off = (i * 7 % 60) * (512 << 10);
+        cmds.push(format!("write -z {off} 512k"));
+        cmds.push("sleep 4".into());
+    }
+    let writer = spawn_writer(w.a.nbd_url("vm"), cmds.clone());
+    std::thread::sleep(Duration::from_millis(50));
+    let mut opts = w.a.opts(&w.b_addr);
+    opts.mode = Mode::Mirror;
+    // Stay in the mirroring phase for a while, so that guest write-zeroes
+    // certainly arrive while mirroring (the hook runs on the job thread).
+    opts.fault_hook = Some(FaultHook(Arc::new(|p| {
+        if p == Phase::Mirroring {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })));
+    let st = run(&w.a, "vm", opts).unwrap();
+    writer.join().unwrap();
+    expected_image(&w.expected, &cmds);
+    assert_same(&w.expected, &w.b.dir.join("vm.img"));
+    check_owned_by_b(&w);
+    assert_eq!(st.mode, Mode::Mirror);
+    // Only write-zeroes ran during the migration: whatever was mirrored
+    // was a write-zeroes.
+    assert!(st.mirrored_bytes >= 512 << 10, "{st:?}");
+}

@@ -125,9 +125,14 @@ fn ranges_that_overflow_are_refused() {
 
 #[test]
 fn negotiation_names_both_ranges() {
-    assert_eq!(negotiate(1, 5), Ok(1));
-    let e = negotiate(2, 3).expect_err("no overlap");
-    assert!(e.contains("2..3") && e.contains("1..1"), "{e}");
+    assert_eq!(negotiate(1, 5), Ok(MAX_VERSION));
+    assert_eq!(negotiate(1, 1), Ok(1), "a version-1 source still works");
+    let e = negotiate(MAX_VERSION + 1, MAX_VERSION + 3).expect_err("no overlap");
+    assert!(
+        e.contains(&format!("{}..{}", MAX_VERSION + 1, MAX_VERSION + 3))
+            && e.contains(&format!("{MIN_VERSION}..{MAX_VERSION}")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -192,6 +197,11 @@ fn any_msg() -> impl Strategy<Value = (u16, Vec<u8>)> {
         .expect("encode")),
         (0u64..1 << 50, 0u64..1 << 40)
             .prop_map(|(offset, len)| Msg::Zero { offset, len }.to_vec().expect("encode")),
+        (any::<u64>(), 0u64..1 << 50, 0u64..1 << 40).prop_map(|(id, offset, len)| {
+            Msg::MirrorZero { id, offset, len }
+                .to_vec()
+                .expect("encode")
+        }),
         any::<u64>().prop_map(|id| Msg::Flush { id }.to_vec().expect("encode")),
         (any::<u64>(), any::<u64>())
             .prop_map(|(id, generation)| Msg::Commit { id, generation }.to_vec().expect("encode")),
