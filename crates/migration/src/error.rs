@@ -58,9 +58,9 @@ pub enum RecordError {
     /// A handover was in progress when this process stopped.
     #[error(
         "image {image} was being handed over to node {to} when this server stopped, and the \
-         outcome is unknown: if node {to} serves the disk, it is the owner; if it does not (or \
-         has not committed), delete {image}.owner's handover by re-running the migration, or \
-         remove the .owner file to take ownership back"
+         outcome is unknown: serve it writable (`understudy serve` opens it with failing I/O) \
+         and run `understudy migrate NAME --to` node {to}'s peer address, which asks that node \
+         and settles it"
     )]
     InDoubt {
         /// Image.

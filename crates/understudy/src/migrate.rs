@@ -60,6 +60,19 @@ pub fn check_servable(image: &Path) -> Result<()> {
     record::check_servable(image).map_err(|e| anyhow::anyhow!(e))
 }
 
+/// `Ok(Some(node))` when a lost commit answer to `node` left `image` in
+/// doubt: it is opened with failing I/O until `understudy migrate` to that
+/// node settles who owns it. `Ok(None)` when it may be served; an error
+/// (saying what to do) otherwise.
+pub fn servable_or_in_doubt(image: &Path) -> Result<Option<String>> {
+    if let Some(r) = record::load(image).map_err(|e| anyhow::anyhow!(e))?
+        && let record::OwnerState::Handing { to, .. } = r.state
+    {
+        return Ok(Some(to));
+    }
+    check_servable(image).map(|()| None)
+}
+
 /// Wrap a writable export's filter in the migration switch.
 pub fn wrap_export(
     name: &str,

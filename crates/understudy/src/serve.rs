@@ -201,8 +201,12 @@ fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
             spec.path.display()
         );
     }
-    crate::migrate::check_servable(&spec.path)
-        .with_context(|| format!("export {:?}", spec.name))?;
+    let in_doubt = if spec.read_only {
+        crate::migrate::check_servable(&spec.path).map(|()| None)
+    } else {
+        crate::migrate::servable_or_in_doubt(&spec.path)
+    }
+    .with_context(|| format!("export {:?}", spec.name))?;
     let inner = open_disk(&OpenOptions {
         path: spec.path.clone(),
         format: spec.format,
@@ -279,6 +283,19 @@ fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
     let filter = Arc::new(FilterDisk::new(inner, store.clone()));
     let migratable =
         crate::migrate::wrap_export(&spec.name, &spec.path, spec.format, filter, &store);
+    if let Some(to) = in_doubt {
+        // Never serve it as the owner, never refuse to start over it: I/O
+        // fails until a migration to `to` asks that node who owns it.
+        let msg = format!(
+            "ownership of export {} is in doubt after a lost commit answer from node {to}: run \
+             `understudy migrate {} --to ADDRESS-OF-{to}` to settle it (docs/migration.md)",
+            spec.name, spec.name
+        );
+        tracing::warn!(export = %spec.name, node = %to, "{msg}");
+        migratable
+            .switch
+            .set_route(understudy_migration::Route::Fail(Arc::from(msg)));
+    }
     let disk: Arc<dyn Disk> = migratable.switch.clone();
     Ok(ExportState {
         spec: spec.clone(),

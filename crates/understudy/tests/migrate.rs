@@ -287,6 +287,54 @@ fn ownership_survives_restarts_and_bad_keys_are_refused() {
     let _ = p.img;
 }
 
+/// A lost commit answer, then a restart of A: A starts anyway (it used to
+/// refuse), serves nothing from the image (I/O fails, `export list` says
+/// `failed`), and `understudy migrate` to B settles it: B had committed,
+/// so the handover stands.
+#[test]
+fn restarted_in_doubt_source_is_settled_by_migrate() {
+    use understudy_migration::record::{self, OwnerState};
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pair(tmp.path());
+    p.a.ctl_ok(&["migrate", "vm", "--to", &p.b_peer]);
+    let again = p.a.restart_args_for_check();
+    assert!(p.a.stop());
+    // Make A's record what a lost commit answer leaves: `handing`, at the
+    // generation before the commit.
+    let mut ra = record::load(&p.img).unwrap().unwrap();
+    ra.generation -= 1;
+    ra.state = OwnerState::Handing {
+        to: "node-b".into(),
+        migration_id: record::new_id_hex(),
+    };
+    record::store(&p.img, &ra).unwrap();
+
+    let a2 = again.start(tmp.path());
+    let v: serde_json::Value =
+        serde_json::from_str(&a2.ctl_ok(&["export", "list", "--json"])).unwrap();
+    assert_eq!(v[0]["serving"], "failed", "{v}");
+    assert!(
+        !qemu_io(&a2.uri("vm"), &["read 0 4k".into()])
+            .status
+            .success(),
+        "an image in doubt must not be served"
+    );
+    assert!(a2.log_text().contains("in doubt"), "{}", a2.log_text());
+
+    let out = a2.ctl_ok(&["migrate", "vm", "--to", &p.b_peer, "--json"]);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["phase"], "completed", "{out}");
+    assert_eq!(last["start"], "settled", "{out}");
+    let ra = record::load(&p.img).unwrap().unwrap();
+    assert!(
+        matches!(ra.state, OwnerState::HandedOver { ref to } if to == "node-b"),
+        "{ra:?}"
+    );
+    // B still owns and serves it.
+    qemu_io_ok(&p.b.uri("vm"), &["read -P 0x6b 10M 64k".into()]);
+    assert!(a2.stop());
+}
+
 /// B is killed (SIGKILL) in the middle of the bulk copy: A stays the owner
 /// and keeps serving; B comes back and the retry resumes from what B had
 /// made durable.
