@@ -297,6 +297,17 @@ impl Receiving<'_> {
         Ok(())
     }
 
+    /// Like [`Receiving::write`], for a range that must read as zeroes.
+    fn zero(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let z = ZeroOpts {
+            may_unmap: true,
+            ..ZeroOpts::default()
+        };
+        self.export.filter.inner().write_zeroes(offset, len, z)?;
+        self.mark_others(offset, len);
+        Ok(())
+    }
+
     fn mark_others(&self, offset: u64, len: u64) {
         let peer_bm = peer_bitmap_name(&self.source_node);
         for b in self.export.store.list() {
@@ -682,6 +693,28 @@ pub fn receive(
     result
 }
 
+/// Apply a mirrored guest request (not counted as received progress: the
+/// source's bitmaps still hold it) and answer it; an earlier failure of
+/// this session answers instead, and a failure sticks for later ones.
+fn mirrored(
+    link: &Link,
+    r: &mut Receiving<'_>,
+    id: u64,
+    apply: impl FnOnce(&Receiving<'_>) -> Result<(), BlockError>,
+) -> Result<(), TargetError> {
+    let res = match &r.sticky {
+        Some((c, m)) => Err((*c, m.clone())),
+        None => apply(r).map_err(|e| (reply_code(&e), block_msg(&e))),
+    };
+    match res {
+        Ok(()) => reply(link, id, code::OK, &[]),
+        Err((c, m)) => {
+            r.sticky.get_or_insert((c, m.clone()));
+            reply(link, id, c, m.as_bytes())
+        }
+    }
+}
+
 fn reply(link: &Link, id: u64, c: u32, body: &[u8]) -> Result<(), TargetError> {
     let (t, h, tail) = Msg::Reply { id, code: c, body }
         .encode()
@@ -734,15 +767,7 @@ fn session_loop(
                 }
             },
             Msg::Zero { offset, len } if !r.committed && in_range(offset, len) => {
-                let z = ZeroOpts {
-                    may_unmap: true,
-                    ..ZeroOpts::default()
-                };
-                let res = r.export.filter.inner().write_zeroes(offset, len, z);
-                if res.is_ok() {
-                    r.mark_others(offset, len);
-                }
-                match res {
+                match r.zero(offset, len) {
                     Ok(()) => r.unflushed.push((offset, len)),
                     Err(e) => {
                         r.sticky.get_or_insert((reply_code(&e), block_msg(&e)));
@@ -751,21 +776,7 @@ fn session_loop(
             }
             Msg::Mirror {
                 id, offset, data, ..
-            } if !r.committed => {
-                let res = match &r.sticky {
-                    Some((c, m)) => Err((*c, m.clone())),
-                    None => r
-                        .write(offset, data)
-                        .map_err(|e| (reply_code(&e), block_msg(&e))),
-                };
-                match res {
-                    Ok(()) => reply(link, id, code::OK, &[])?,
-                    Err((c, m)) => {
-                        r.sticky.get_or_insert((c, m.clone()));
-                        reply(link, id, c, m.as_bytes())?
-                    }
-                }
-            }
+            } if !r.committed => mirrored(link, r, id, |r| r.write(offset, data))?,
             Msg::MirrorZero { offset, len, .. } if !in_range(offset, len) => {
                 let m = format!(
                     "mirrored zero range at offset {offset} is outside the {size}-byte disk"
@@ -774,29 +785,7 @@ fn session_loop(
                 return Err(TargetError::Protocol(m));
             }
             Msg::MirrorZero { id, offset, len } if !r.committed => {
-                // Like a mirrored write: applied below the filter, other
-                // bitmaps marked, not counted as received progress.
-                let res = match &r.sticky {
-                    Some((c, m)) => Err((*c, m.clone())),
-                    None => {
-                        let z = ZeroOpts {
-                            may_unmap: true,
-                            ..ZeroOpts::default()
-                        };
-                        let res = r.export.filter.inner().write_zeroes(offset, len, z);
-                        if res.is_ok() {
-                            r.mark_others(offset, len);
-                        }
-                        res.map_err(|e| (reply_code(&e), block_msg(&e)))
-                    }
-                };
-                match res {
-                    Ok(()) => reply(link, id, code::OK, &[])?,
-                    Err((c, m)) => {
-                        r.sticky.get_or_insert((c, m.clone()));
-                        reply(link, id, c, m.as_bytes())?
-                    }
-                }
+                mirrored(link, r, id, |r| r.zero(offset, len))?
             }
             Msg::Flush { id } if !r.committed => {
                 let res = flush_progress(r);
