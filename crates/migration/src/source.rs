@@ -582,6 +582,57 @@ fn rx_first(rx: &mut understudy_peer::LinkReceiver) -> Result<(u16, Vec<u8>), Pe
     rx.recv_into(&mut buf).map(|t| (t, buf))
 }
 
+/// Take the persistent and the pending bitmap and send what `pending`
+/// marks. The caller commits both takes once the data is durable on the
+/// target; dropping them merges the bits back.
+fn take_and_copy(
+    store: &BitmapStore,
+    pending: &Arc<DirtyBitmap>,
+    copier: &mut Copier<'_>,
+) -> Result<(Taken, Taken), MigrationError> {
+    let p_taken = store.take(MIGRATION_BITMAP).map_err(bitmap_err)?;
+    let q = pending.take().map_err(|e| MigrationError::Protocol {
+        reason: e.to_string(),
+    })?;
+    let ranges: Vec<(u64, u64)> = q.dirty_ranges().collect();
+    for (o, l) in ranges {
+        copier.copy(o, l, true)?;
+    }
+    Ok((p_taken, q))
+}
+
+/// After the target committed `generation`: record the handover durably
+/// and drop the bitmaps that only served the migration.
+fn record_handover(
+    export: &SourceExport,
+    rec: &mut record::OwnerRecord,
+    target_node: &str,
+    generation: u64,
+    peer_bitmap: Option<String>,
+) -> Result<(), MigrationError> {
+    rec.generation = generation;
+    rec.state = OwnerState::HandedOver {
+        to: target_node.to_owned(),
+    };
+    rec.set_peer(PeerRecord {
+        node: target_node.to_owned(),
+        generation,
+        bitmap: None,
+    });
+    record::store(&export.image, rec).map_err(record_err)?;
+    for b in [Some(MIGRATION_BITMAP.to_owned()), peer_bitmap]
+        .into_iter()
+        .flatten()
+    {
+        if export.store.get(&b).is_some()
+            && let Err(e) = export.store.remove(&b)
+        {
+            tracing::warn!(bitmap = %b, "cannot remove a migration bitmap after the handover: {e}");
+        }
+    }
+    Ok(())
+}
+
 /// The target says it committed the handover whose answer this node lost:
 /// record the handover (as a completed commit would have) and stop serving.
 fn settle_handed_over(
@@ -592,28 +643,9 @@ fn settle_handed_over(
     target_node: &str,
     message: &str,
 ) -> Result<(), MigrationError> {
-    let store = &export.store;
     let peer_bitmap = rec.peer(target_node).and_then(|p| p.bitmap.clone());
-    rec.generation += 1;
-    rec.state = OwnerState::HandedOver {
-        to: target_node.to_owned(),
-    };
-    rec.set_peer(PeerRecord {
-        node: target_node.to_owned(),
-        generation: rec.generation,
-        bitmap: None,
-    });
-    record::store(&export.image, &rec).map_err(record_err)?;
-    for b in [Some(MIGRATION_BITMAP.to_owned()), peer_bitmap]
-        .into_iter()
-        .flatten()
-    {
-        if store.get(&b).is_some()
-            && let Err(e) = store.remove(&b)
-        {
-            tracing::warn!(bitmap = %b, "cannot remove a migration bitmap after the handover: {e}");
-        }
-    }
+    let generation = rec.generation + 1;
+    record_handover(export, &mut rec, target_node, generation, peer_bitmap)?;
     export.switch.set_route(Route::Fail(Arc::from(format!(
         "export {} was handed over to node {target_node} (generation {}): reconnect to that node",
         export.name, rec.generation
@@ -1029,14 +1061,7 @@ fn run_session(
         rounds += 1;
         let tr = Instant::now();
         let before = status.lock().data_bytes;
-        let p_taken = store.take(MIGRATION_BITMAP).map_err(bitmap_err)?;
-        let q = pending.take().map_err(|e| MigrationError::Protocol {
-            reason: e.to_string(),
-        })?;
-        let ranges: Vec<(u64, u64)> = q.dirty_ranges().collect();
-        for (o, l) in ranges {
-            copier.copy(o, l, true)?;
-        }
+        let (p_taken, q) = take_and_copy(store, &pending, &mut copier)?;
         copier.flush()?;
         q.commit();
         p_taken.commit();
@@ -1076,18 +1101,7 @@ fn run_session(
         });
     };
     copier.honour_cancel = false;
-    let final_copy = (|| {
-        let p_taken = store.take(MIGRATION_BITMAP).map_err(bitmap_err)?;
-        let q = pending.take().map_err(|e| MigrationError::Protocol {
-            reason: e.to_string(),
-        })?;
-        let ranges: Vec<(u64, u64)> = q.dirty_ranges().collect();
-        for (o, l) in ranges {
-            copier.copy(o, l, true)?;
-        }
-        Ok::<_, MigrationError>((p_taken, q))
-    })();
-    let (p_taken, q) = match final_copy {
+    let (p_taken, q) = match take_and_copy(store, &pending, &mut copier) {
         Ok(x) => x,
         Err(e) => {
             hold.release(Route::Local);
@@ -1148,24 +1162,7 @@ fn run_session(
         st.bytes_sent = conn.bytes_sent();
         st.mirrored_bytes = obs.mirrored_bytes();
     }
-    rec.generation = new_gen;
-    rec.state = OwnerState::HandedOver {
-        to: target_node.clone(),
-    };
-    rec.set_peer(PeerRecord {
-        node: target_node.clone(),
-        generation: new_gen,
-        bitmap: None,
-    });
-    record::store(&export.image, &rec).map_err(record_err)?;
-    for b in [Some(MIGRATION_BITMAP.to_owned()), peer_bitmap]
-        .into_iter()
-        .flatten()
-    {
-        if let Err(e) = store.remove(&b) {
-            tracing::warn!(bitmap = %b, "cannot remove a migration bitmap after the handover: {e}");
-        }
-    }
+    record_handover(export, &mut rec, &target_node, new_gen, peer_bitmap)?;
     hooks.committed(&export.name, &target_node);
     tracing::info!(export = %export.name, target = %target_node, generation = new_gen,
         downtime_ms = downtime.as_secs_f64() * 1e3, "ownership handed over");
