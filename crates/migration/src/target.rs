@@ -902,14 +902,20 @@ fn fwd_reply(link: &Link, id: u64, res: Result<(), BlockError>) -> Result<(), Ta
     }
 }
 
-fn flush_progress(r: &mut Receiving<'_>) -> Result<(), (u32, String)> {
+/// Make everything received durable, or report this session's earlier
+/// failure.
+fn flush_received(r: &Receiving<'_>) -> Result<(), (u32, String)> {
     if let Some(s) = &r.sticky {
         return Err(s.clone());
     }
     r.export
         .filter
         .flush()
-        .map_err(|e| (reply_code(&e), block_msg(&e)))?;
+        .map_err(|e| (reply_code(&e), block_msg(&e)))
+}
+
+fn flush_progress(r: &mut Receiving<'_>) -> Result<(), (u32, String)> {
+    flush_received(r)?;
     if let Some(b) = r.export.store.get(RECEIVED_BITMAP) {
         for (o, l) in r.unflushed.drain(..) {
             mark_inner(&b, o, l);
@@ -927,14 +933,8 @@ fn commit(
     hooks: &dyn TargetHooks,
 ) -> Result<(), (u32, String)> {
     let t0 = std::time::Instant::now();
-    if let Some(s) = &r.sticky {
-        return Err(s.clone());
-    }
     // Data durable. (The progress bitmap is not worth a sync any more.)
-    r.export
-        .filter
-        .flush()
-        .map_err(|e| (reply_code(&e), block_msg(&e)))?;
+    flush_received(r)?;
     let t_flush = t0.elapsed();
     let io = |e: &dyn std::error::Error| (code::IO, crate::source::error_chain(e));
     let peer_bm = peer_bitmap_name(&r.source_node);
