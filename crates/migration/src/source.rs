@@ -576,10 +576,18 @@ impl Drop for Session<'_> {
     }
 }
 
-/// The first answer to Hello, with the peer's error code kept.
-fn rx_first(rx: &mut understudy_peer::LinkReceiver) -> Result<(u16, Vec<u8>), PeerError> {
+/// One frame from the target, with the peer's error code kept.
+fn recv_frame(rx: &mut understudy_peer::LinkReceiver) -> Result<(u16, Vec<u8>), PeerError> {
     let mut buf = Vec::new();
     rx.recv_into(&mut buf).map(|t| (t, buf))
+}
+
+/// A refusal (the target's message) or a broken link.
+fn recv_err(e: PeerError) -> MigrationError {
+    match e {
+        PeerError::Remote { message, .. } => MigrationError::Refused { message },
+        source => MigrationError::Recv { source },
+    }
 }
 
 /// Take the persistent and the pending bitmap and send what `pending`
@@ -784,24 +792,15 @@ fn run(
     link.send(t, &bytes)
         .map_err(|source| MigrationError::Send { source })?;
     let (tx, mut rx) = link.split();
-    let recv = |rx: &mut understudy_peer::LinkReceiver| -> Result<(u16, Vec<u8>), MigrationError> {
-        let mut buf = Vec::new();
-        match rx.recv_into(&mut buf) {
-            Ok(t) => Ok((t, buf)),
-            Err(PeerError::Remote { message, .. }) => Err(MigrationError::Refused { message }),
-            Err(source) => Err(MigrationError::Recv { source }),
-        }
-    };
-    let (t, buf) = match rx_first(&mut rx) {
-        Ok(x) => x,
+    let recv = |rx: &mut understudy_peer::LinkReceiver| recv_frame(rx).map_err(recv_err);
+    let (t, buf) = match recv_frame(&mut rx) {
         Err(PeerError::Remote { code, message })
             if code == wire::refusal::COMMITTED && in_doubt.is_some() =>
         {
             // The target did commit: the handover happened.
             return settle_handed_over(export, hooks, status, rec, &target_node, &message);
         }
-        Err(PeerError::Remote { message, .. }) => return Err(MigrationError::Refused { message }),
-        Err(source) => return Err(MigrationError::Recv { source }),
+        first => first.map_err(recv_err)?,
     };
     if in_doubt.is_some() {
         // The target answered a Hello for this disk without owning it: the

@@ -65,12 +65,16 @@ pub fn check_servable(image: &Path) -> Result<()> {
 /// node settles who owns it. `Ok(None)` when it may be served; an error
 /// (saying what to do) otherwise.
 pub fn servable_or_in_doubt(image: &Path) -> Result<Option<String>> {
-    if let Some(r) = record::load(image).map_err(|e| anyhow::anyhow!(e))?
-        && let record::OwnerState::Handing { to, .. } = r.state
-    {
-        return Ok(Some(to));
+    match record::load(image).map_err(|e| anyhow::anyhow!(e))? {
+        None => Ok(None),
+        Some(r) => match &r.state {
+            record::OwnerState::Handing { to, .. } => Ok(Some(to.clone())),
+            _ => r
+                .check_servable(image)
+                .map(|()| None)
+                .map_err(|e| anyhow::anyhow!(e)),
+        },
     }
-    check_servable(image).map(|()| None)
 }
 
 /// Wrap a writable export's filter in the migration switch.
