@@ -28,13 +28,17 @@ from common import free_port, wait_port  # noqa: E402
 PIN = None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("UNDERSTUDY_BIN", os.path.join(ROOT, "target", "release", "understudy"))
+BASE_BIN = os.environ.get("UNDERSTUDY_BASE_BIN", "")
 
 
 
 
 def start(kind, image, port, work):
-    if kind == "understudy":
-        cmd = [BIN, "--log", "warn", "serve", "--listen", f"127.0.0.1:{port}",
+    if kind in ("understudy", "understudy@base"):
+        # understudy@base: the binary named by UNDERSTUDY_BASE_BIN (a build of
+        # an earlier commit), for before/after comparisons in one run.
+        binary = BASE_BIN if kind == "understudy@base" else BIN
+        cmd = [binary, "--log", "warn", "serve", "--listen", f"127.0.0.1:{port}",
                "--control", os.path.join(work, f"ctl-{port}.sock"),
                "--export", f"name=bench,path={image},format=raw"]
     elif kind == "understudy+3bitmaps":
