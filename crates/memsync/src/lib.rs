@@ -14,16 +14,21 @@
 //!
 //! Modules: [`codec`] (sans-I/O format), [`store`] (mirrored reference
 //! state), [`xbzrle`] (QEMU's XBZRLE, as the anchor), [`baseline`] (raw and
-//! zero+LZ4), [`image`] (memory images, dirty detection), [`trace`],
-//! [`replay`] (all methods over a recorded trace), [`sync`] (checkpoint
-//! protocol), [`record`] (QEMU trace recorder).
+//! zero+LZ4), [`image`] (memory images, dirty detection), [`trace`] (the
+//! trace format: a directory of numbered RAM images), [`replay`] (all
+//! methods over a recorded trace), [`sync`] (checkpoint protocol and the
+//! crash-safe backup image).
+//!
+//! This crate launches no process and reads no environment variable: it
+//! works on byte buffers, files and a [`sync::Transport`] it is given.
+//! Recording a trace of a real guest (starting QEMU, driving it over QMP)
+//! is experiment tooling and lives in the `understudy-lab` crate.
 #![warn(missing_docs)]
 
 pub mod baseline;
 pub mod codec;
 pub mod image;
 pub mod page;
-pub mod record;
 pub mod replay;
 pub mod store;
 pub mod sync;

@@ -26,12 +26,13 @@
 //! applied: the backup's image stays on the previous checkpoint.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use understudy_durable::{Durability, ReplaceError};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::codec::{CodecConfig, CodecError, Decoded, Decoder, Encoder, HEADER_LEN, KindCounts};
@@ -109,6 +110,40 @@ pub enum SyncError {
         #[source]
         source: std::io::Error,
     },
+    /// Replacing the redo or state file of the backup image failed.
+    #[error(
+        "cannot write the backup's {file}; check the disk, then restart the backup (the image keeps its last complete checkpoint)"
+    )]
+    Persist {
+        /// Which file: `redo file` or `state file`.
+        file: &'static str,
+        /// Cause (names the step and path).
+        #[source]
+        source: ReplaceError,
+    },
+    /// The state file of the backup image is not one this crate wrote.
+    #[error("state file {path} is damaged; delete it to force a hash resync")]
+    StateDamaged {
+        /// File.
+        path: String,
+    },
+    /// The backup image and the backup's configuration disagree on its size.
+    #[error(
+        "backup image {path} has {image_pages} pages but the sync configuration says {config_pages}; open the image with the configured page count"
+    )]
+    ImageSize {
+        /// Image file.
+        path: String,
+        /// Pages the image was opened with.
+        image_pages: u64,
+        /// Pages in the configuration.
+        config_pages: u64,
+    },
+    /// A checkpoint was sent without a session.
+    #[error(
+        "no sync session: call handshake on the (new) connection before sending a checkpoint; any failed checkpoint needs a new handshake"
+    )]
+    NoSession,
 }
 
 /// Settings of both sides.
@@ -323,7 +358,7 @@ impl Primary {
         t0: Instant,
     ) -> Result<CheckpointReport, SyncError> {
         if !self.ready {
-            return Err(proto("checkpoint before handshake"));
+            return Err(SyncError::NoSession);
         }
         // Any failure from here on needs a new handshake.
         self.ready = false;
@@ -334,8 +369,36 @@ impl Primary {
             .encode_into(seq, &pages, &mut self.wire)
             .map_err(SyncError::Codec)?;
         let encode = t0.elapsed();
-        self.inflight = Some((seq, next));
         let t1 = Instant::now();
+        let backup_apply = match self.transfer(t, seq) {
+            Ok(d) => d,
+            Err(e) => {
+                // The backup may have applied it and lost only the ACK: the
+                // next handshake recognises it by its sequence number.
+                self.inflight = Some((seq, next));
+                return Err(e);
+            }
+        };
+        let transfer = t1.elapsed();
+        self.inflight = None;
+        self.base = next.clone();
+        self.acked = Some((seq, next));
+        self.next_seq = seq + 1;
+        self.ready = true;
+        Ok(CheckpointReport {
+            seq,
+            dirty_pages: dirty.len() as u64,
+            wire_bytes: self.wire.len() as u64,
+            kinds: enc.kinds,
+            encode,
+            transfer,
+            backup_apply,
+        })
+    }
+
+    /// Send the encoded checkpoint `seq` and wait for its ACK; returns the
+    /// time the backup says it spent applying it.
+    fn transfer<T: Transport>(&mut self, t: &mut T, seq: u64) -> Result<Duration, SyncError> {
         t.send_parts(
             MSG_CKPT_BEGIN,
             &[&seq.to_le_bytes(), &(self.wire.len() as u64).to_le_bytes()],
@@ -348,25 +411,7 @@ impl Primary {
         if ty != MSG_ACK || u64_at(&self.buf, 0) != Some(seq) {
             return Err(proto("expected ACK for the checkpoint just sent"));
         }
-        let backup_apply = Duration::from_nanos(u64_at(&self.buf, 16).unwrap_or(0));
-        let transfer = t1.elapsed();
-        let (s, tr) = self
-            .inflight
-            .take()
-            .ok_or_else(|| proto("internal: no checkpoint in flight"))?;
-        self.base = tr.clone();
-        self.acked = Some((s, tr));
-        self.next_seq = seq + 1;
-        self.ready = true;
-        Ok(CheckpointReport {
-            seq,
-            dirty_pages: dirty.len() as u64,
-            wire_bytes: self.wire.len() as u64,
-            kinds: enc.kinds,
-            encode,
-            transfer,
-            backup_apply,
-        })
+        Ok(Duration::from_nanos(u64_at(&self.buf, 16).unwrap_or(0)))
     }
 }
 
@@ -452,43 +497,29 @@ impl BackupImage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io("read state", &p)(e)),
         };
+        let damaged = || SyncError::StateDamaged {
+            path: p.display().to_string(),
+        };
         if b.len() != 24 || &b[..8] != STATE_MAGIC {
-            return Err(SyncError::Protocol(format!(
-                "state file {} is damaged; delete it to force a hash resync",
-                p.display()
-            )));
+            return Err(damaged());
         }
         let seq = u64_at(&b, 8).unwrap_or(0);
         if u64_at(&b, 16) != Some(xxhash_rust::xxh3::xxh3_64(&b[..16])) {
-            return Err(SyncError::Protocol(format!(
-                "state file {} is damaged; delete it to force a hash resync",
-                p.display()
-            )));
+            return Err(damaged());
         }
         Ok(Some(seq))
     }
 
-    fn write_atomic(&self, p: &Path, data: &[u8]) -> Result<(), SyncError> {
-        let tmp = side(p, ".tmp");
-        let mut f = File::create(&tmp).map_err(self.io("create", &tmp))?;
-        f.write_all(data).map_err(self.io("write", &tmp))?;
-        if self.durable {
-            f.sync_all().map_err(self.io("fsync", &tmp))?;
-        }
-        std::fs::rename(&tmp, p).map_err(self.io("rename", p))?;
-        if self.durable
-            && let Some(dir) = p.parent()
-        {
-            let d = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(d)
-                .and_then(|f| f.sync_all())
-                .map_err(self.io("fsync directory", d))?;
-        }
-        Ok(())
+    /// Replace `p` with `data` atomically; durably unless this image was
+    /// opened for throwaway tests (`durable == false`).
+    fn write_atomic(&self, file: &'static str, p: &Path, data: &[u8]) -> Result<(), SyncError> {
+        let durability = if self.durable {
+            Durability::Durable
+        } else {
+            Durability::ProcessCrashOnly
+        };
+        understudy_durable::replace_with(p, data, durability, |_| Ok(()))
+            .map_err(|source| SyncError::Persist { file, source })
     }
 
     /// Write the redo file for `d` (the commit point). Public so that tests
@@ -505,7 +536,7 @@ impl BackupImage {
         let mut h = Xxh3::new();
         h.update(&b);
         b.extend_from_slice(&h.digest128().to_le_bytes());
-        self.write_atomic(&side(&self.path, ".redo"), &b)
+        self.write_atomic("redo file", &side(&self.path, ".redo"), &b)
     }
 
     fn recover(&mut self) -> Result<(), SyncError> {
@@ -582,7 +613,7 @@ impl BackupImage {
         s.extend_from_slice(&d.seq.to_le_bytes());
         let h = xxhash_rust::xxh3::xxh3_64(&s);
         s.extend_from_slice(&h.to_le_bytes());
-        self.write_atomic(&side(&self.path, ".state"), &s)?;
+        self.write_atomic("state file", &side(&self.path, ".state"), &s)?;
         self.applied = Some(d.seq);
         Ok(())
     }
@@ -639,11 +670,11 @@ impl Backup {
     /// A backup serving `image`.
     pub fn new(cfg: SyncConfig, image: BackupImage) -> Result<Self, SyncError> {
         if image.pages() != cfg.codec.image_pages {
-            return Err(SyncError::Mismatch(format!(
-                "backup image has {} pages, configuration says {}",
-                image.pages(),
-                cfg.codec.image_pages
-            )));
+            return Err(SyncError::ImageSize {
+                path: image.path.display().to_string(),
+                image_pages: image.pages(),
+                config_pages: cfg.codec.image_pages,
+            });
         }
         Ok(Self {
             cfg,

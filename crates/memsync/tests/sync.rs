@@ -248,3 +248,48 @@ fn mismatched_configuration_is_refused() {
     let (_, r) = h.join().expect("join");
     assert!(matches!(r, Err(SyncError::Mismatch(_))));
 }
+
+#[test]
+fn local_failures_have_their_own_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("b.ram");
+    // A backup image opened with another page count than configured.
+    let img = BackupImage::open(&path, PAGES / 2, false).expect("open");
+    assert!(matches!(
+        Backup::new(cfg(), img),
+        Err(SyncError::ImageSize {
+            image_pages,
+            config_pages: PAGES,
+            ..
+        }) if image_pages == PAGES / 2
+    ));
+    // A damaged state file is a local problem, not a protocol violation.
+    std::fs::write(dir.path().join("b.ram.state"), b"garbage").expect("w");
+    let r = BackupImage::open(&path, PAGES, false);
+    assert!(matches!(r, Err(SyncError::StateDamaged { .. })), "{r:?}");
+    // A redo file that cannot be written (its temporary is a directory).
+    std::fs::remove_file(dir.path().join("b.ram.state")).expect("rm");
+    let mut img = BackupImage::open(&path, PAGES, false).expect("open");
+    std::fs::create_dir(dir.path().join("b.ram.redo.tmp")).expect("mkdir");
+    let d = understudy_memsync::Decoded {
+        seq: 1,
+        ..Default::default()
+    };
+    let r = img.apply(&d);
+    assert!(
+        matches!(
+            r,
+            Err(SyncError::Persist {
+                file: "redo file",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(img.applied_seq(), None);
+    // A checkpoint before any handshake.
+    let (mut pl, _bl) = links();
+    let img = vec![0u8; PAGES as usize * PAGE_SIZE];
+    let r = Primary::new(cfg()).checkpoint(&mut pl, &img);
+    assert!(matches!(r, Err(SyncError::NoSession)), "{r:?}");
+}

@@ -10,6 +10,10 @@
 //! Every command carries an `id` so that a reply can be matched to it.
 //! Lines longer than [`MAX_LINE`] are refused (QEMU is a peer process: a
 //! runaway reply must not exhaust memory).
+//!
+//! The client only connects to a socket that a running QEMU serves; it
+//! never starts QEMU (that is the caller's job, e.g. the trace recorder in
+//! `understudy-lab`).
 #![warn(missing_docs)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -38,9 +42,21 @@ pub enum QmpError {
         #[source]
         source: std::io::Error,
     },
-    /// Socket I/O failed.
-    #[error("QMP socket I/O failed; QEMU may have exited")]
-    Io(#[source] std::io::Error),
+    /// Setting up the connected socket (timeout, second handle) failed.
+    #[error("cannot set up the QMP socket; QEMU may have exited")]
+    Socket(#[source] std::io::Error),
+    /// Sending a command failed.
+    #[error("cannot send {command} to QEMU over QMP; QEMU may have exited")]
+    Send {
+        /// Command name.
+        command: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading from the socket failed.
+    #[error("reading from the QMP socket failed; QEMU may have exited")]
+    Receive(#[source] std::io::Error),
     /// The server closed the connection.
     #[error("QEMU closed the QMP connection; check its log for the reason")]
     Closed,
@@ -107,8 +123,8 @@ impl Qmp {
     /// Use an already connected stream (for tests and socket pairs).
     pub fn from_stream(s: UnixStream) -> Result<Self, QmpError> {
         s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(QmpError::Io)?;
-        let writer = s.try_clone().map_err(QmpError::Io)?;
+            .map_err(QmpError::Socket)?;
+        let writer = s.try_clone().map_err(QmpError::Socket)?;
         let mut q = Self {
             reader: BufReader::new(s),
             writer,
@@ -132,7 +148,9 @@ impl Qmp {
 
     /// Set the timeout for each read from QEMU.
     pub fn set_timeout(&mut self, t: Duration) -> Result<(), QmpError> {
-        self.writer.set_read_timeout(Some(t)).map_err(QmpError::Io)
+        self.writer
+            .set_read_timeout(Some(t))
+            .map_err(QmpError::Socket)
     }
 
     fn read_value(&mut self) -> Result<Value, QmpError> {
@@ -146,7 +164,7 @@ impl Qmp {
                         .flatten()
                         .unwrap_or_default(),
                 ),
-                _ => QmpError::Io(e),
+                _ => QmpError::Receive(e),
             })?;
             if buf.is_empty() {
                 return Err(QmpError::Closed);
@@ -190,7 +208,10 @@ impl Qmp {
         line.push('\n');
         self.writer
             .write_all(line.as_bytes())
-            .map_err(QmpError::Io)?;
+            .map_err(|source| QmpError::Send {
+                command: command.to_string(),
+                source,
+            })?;
         loop {
             let v = self.read_value()?;
             if v.get("event").is_some() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use understudy_memsync::record::{RecordOptions, default_guest_dir, record};
+use understudy_lab::{GuestArtefacts, RecordOptions, guest_cache_dir, record};
 use understudy_memsync::replay::{ReplayOptions, run as replay_run};
 
 /// `understudy mem ...`.
@@ -74,7 +74,7 @@ pub fn run(cmd: MemCmd) -> Result<()> {
     match cmd {
         MemCmd::Record(a) => {
             let dir = a.guest_dir.unwrap_or_else(default_guest_dir);
-            let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
+            let GuestArtefacts { kernel, initrd } = GuestArtefacts::in_dir(&dir);
             anyhow::ensure!(
                 kernel.exists() && initrd.exists(),
                 "no guest kernel/initramfs in {}: run `bash scripts/guest/build.sh` first (or pass --guest-dir)",
@@ -103,4 +103,13 @@ pub fn run(cmd: MemCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The guest cache of `scripts/guest/build.sh`: `$UNDERSTUDY_GUEST_CACHE`,
+/// else `$HOME/.cache/understudy/guest`.
+fn default_guest_dir() -> PathBuf {
+    guest_cache_dir(
+        std::env::var_os("UNDERSTUDY_GUEST_CACHE").as_deref(),
+        std::env::var_os("HOME").as_deref(),
+    )
 }

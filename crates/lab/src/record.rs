@@ -10,16 +10,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use understudy_memsync::trace::image_name;
 use understudy_qmp::{Qmp, QmpError};
-
-use crate::trace::image_name;
 
 /// What to record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RecordOptions {
     /// QEMU binary. Default: `qemu-system-x86_64`.
     pub qemu: PathBuf,
-    /// Guest kernel (`scripts/guest/build.sh` output).
+    /// Guest kernel (`scripts/guest/build.sh` output; see
+    /// [`GuestArtefacts`](crate::GuestArtefacts)).
     pub kernel: PathBuf,
     /// Guest initramfs with the workloads.
     pub initrd: PathBuf,
@@ -87,8 +87,11 @@ pub struct RecordReport {
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     /// A guest artefact is missing.
-    #[error("guest artefact {0} not found; run scripts/guest/build.sh first")]
-    Missing(String),
+    #[error("guest artefact {} not found; run scripts/guest/build.sh first", path.display())]
+    Missing {
+        /// The kernel or initramfs looked for.
+        path: PathBuf,
+    },
     /// A file operation failed.
     #[error("{what} failed for {path}")]
     Io {
@@ -101,8 +104,14 @@ pub enum RecordError {
         source: std::io::Error,
     },
     /// QEMU could not be started.
-    #[error("cannot start {0}; install qemu-system-x86")]
-    Spawn(String, #[source] std::io::Error),
+    #[error("cannot start {}; install qemu-system-x86", qemu.display())]
+    Spawn {
+        /// The QEMU binary.
+        qemu: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// QEMU exited early.
     #[error("QEMU exited early ({status}); serial log tail: {log}")]
     Exited {
@@ -121,24 +130,45 @@ pub enum RecordError {
         /// End of the serial log.
         log: String,
     },
-    /// QMP failed.
-    #[error("QMP command failed")]
-    Qmp(#[source] QmpError),
+    /// A QMP command failed.
+    #[error("QMP: {what} failed")]
+    Qmp {
+        /// What the recorder asked of QEMU.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: QmpError,
+    },
 }
 
-/// Kills QEMU and removes the RAM file and sockets on every exit path.
-struct Guard {
+/// A running recorder guest. Kills QEMU and removes the RAM file and
+/// sockets on every exit path.
+struct Guest {
     child: Child,
     ram: PathBuf,
     tmp: PathBuf,
+    log: PathBuf,
 }
 
-impl Drop for Guard {
+impl Drop for Guest {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.ram);
         let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+impl Guest {
+    /// An error if QEMU has exited.
+    fn check_alive(&mut self) -> Result<(), RecordError> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => Err(RecordError::Exited {
+                status: st.to_string(),
+                log: tail(&self.log),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -156,14 +186,36 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// Record a trace. See the module docs.
+fn qmp_err(what: &'static str) -> impl FnOnce(QmpError) -> RecordError {
+    move |source| RecordError::Qmp { what, source }
+}
+
+/// Record a trace into `o.out_dir`: boot the guest, wait for its workload
+/// to start, let it warm up, then take `o.count` images, one every
+/// `o.interval` of guest run time. QEMU is killed and its RAM file removed
+/// on every exit path.
 pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
     for p in [&o.kernel, &o.initrd] {
         if !p.is_file() {
-            return Err(RecordError::Missing(p.display().to_string()));
+            return Err(RecordError::Missing { path: p.clone() });
         }
     }
     std::fs::create_dir_all(&o.out_dir).map_err(io("creating the trace directory", &o.out_dir))?;
+    let mut g = start(o)?;
+    let sock = g.tmp.join("qmp.sock");
+    let mut qmp = Qmp::connect_retry(&sock, Duration::from_secs(20))
+        .map_err(qmp_err("connecting to QEMU"))?;
+    wait_for_workload(&mut g, o)?;
+    std::thread::sleep(o.warmup);
+    let report = checkpoints(&mut g, &mut qmp, o)?;
+    let _ = qmp.quit();
+    drop(g);
+    Ok(report)
+}
+
+/// Start QEMU with its RAM in a file under `o.ram_dir` and its QMP socket
+/// and serial log in a fresh temporary directory.
+fn start(o: &RecordOptions) -> Result<Guest, RecordError> {
     let tag = format!(
         "understudy-rec-{}-{}",
         std::process::id(),
@@ -211,23 +263,30 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| RecordError::Spawn(o.qemu.display().to_string(), e))?;
-    let mut g = Guard {
-        child,
-        ram: ram.clone(),
-        tmp: tmp.clone(),
-    };
-    let mut qmp = Qmp::connect_retry(&sock, Duration::from_secs(20)).map_err(RecordError::Qmp)?;
+        .map_err(|source| RecordError::Spawn {
+            qemu: o.qemu.clone(),
+            source,
+        });
+    match child {
+        Ok(child) => Ok(Guest {
+            child,
+            ram,
+            tmp,
+            log,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
 
+/// Wait until the guest's serial log says the workload started.
+fn wait_for_workload(g: &mut Guest, o: &RecordOptions) -> Result<(), RecordError> {
     let t0 = Instant::now();
     loop {
-        if let Ok(Some(st)) = g.child.try_wait() {
-            return Err(RecordError::Exited {
-                status: st.to_string(),
-                log: tail(&log),
-            });
-        }
-        let s = std::fs::read(&log).unwrap_or_default();
+        g.check_alive()?;
+        let s = std::fs::read(&g.log).unwrap_or_default();
         if s.windows(14).any(|w| w == b"WORKLOAD-START") {
             break;
         }
@@ -235,37 +294,37 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
             return Err(RecordError::BootTimeout {
                 workload: o.workload.clone(),
                 timeout: o.boot_timeout,
-                log: tail(&log),
+                log: tail(&g.log),
             });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!(workload = %o.workload, boot_s = t0.elapsed().as_secs_f64(), "workload started");
-    std::thread::sleep(o.warmup);
+    Ok(())
+}
 
+/// Every interval of guest run time: stop the guest, copy its RAM into
+/// the trace, resume it.
+fn checkpoints(
+    g: &mut Guest,
+    qmp: &mut Qmp,
+    o: &RecordOptions,
+) -> Result<RecordReport, RecordError> {
     let image_bytes = u64::from(o.mem_mib) << 20;
     let (mut sum, mut max) = (0f64, 0f64);
     let loop_t = Instant::now();
     for i in 0..o.count {
         std::thread::sleep(o.interval);
         let p0 = Instant::now();
-        qmp.stop().map_err(RecordError::Qmp)?;
+        qmp.stop().map_err(qmp_err("stopping the guest"))?;
         let dst = o.out_dir.join(image_name(i));
-        std::fs::copy(&ram, &dst).map_err(io("copying guest RAM", &dst))?;
-        qmp.cont().map_err(RecordError::Qmp)?;
+        std::fs::copy(&g.ram, &dst).map_err(io("copying guest RAM", &dst))?;
+        qmp.cont().map_err(qmp_err("resuming the guest"))?;
         let ms = p0.elapsed().as_secs_f64() * 1e3;
         sum += ms;
         max = f64::max(max, ms);
-        if let Ok(Some(st)) = g.child.try_wait() {
-            return Err(RecordError::Exited {
-                status: st.to_string(),
-                log: tail(&log),
-            });
-        }
+        g.check_alive()?;
     }
-    let wall_s = loop_t.elapsed().as_secs_f64();
-    let _ = qmp.quit();
-    drop(g);
     Ok(RecordReport {
         images: o.count,
         image_bytes,
@@ -275,18 +334,6 @@ pub fn record(o: &RecordOptions) -> Result<RecordReport, RecordError> {
             0.0
         },
         max_pause_ms: max,
-        wall_s,
+        wall_s: loop_t.elapsed().as_secs_f64(),
     })
-}
-
-/// Default guest artefact directory (`$UNDERSTUDY_GUEST_CACHE` or
-/// `~/.cache/understudy/guest`), as `scripts/guest/build.sh` uses.
-pub fn default_guest_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("UNDERSTUDY_GUEST_CACHE") {
-        return PathBuf::from(d);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".cache/understudy/guest")
 }
