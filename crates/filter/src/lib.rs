@@ -31,7 +31,6 @@
 #![warn(missing_docs)]
 
 use std::fmt;
-use std::io;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -282,25 +281,18 @@ impl FilterDisk {
     }
 }
 
-/// The block error for a write an observer refused.
+/// The block error for a write an observer refused (the observer's error
+/// chained as the source, so callers can still reach a `StoreError`).
 fn refused(op: &WriteOp<'_>, e: ObserverError) -> BlockError {
-    let (offset, len, source) = (op.offset, op.len, io::Error::other(e));
-    match op.kind {
-        WriteKind::Data(_) => BlockError::Write {
-            offset,
-            len,
-            source,
+    BlockError::Refused {
+        op: match op.kind {
+            WriteKind::Data(_) => "write",
+            WriteKind::Zeroes(_) => "write-zeroes",
+            WriteKind::Discard => "discard",
         },
-        WriteKind::Zeroes(_) => BlockError::WriteZeroes {
-            offset,
-            len,
-            source,
-        },
-        WriteKind::Discard => BlockError::Discard {
-            offset,
-            len,
-            source,
-        },
+        offset: op.offset,
+        len: op.len,
+        source: Box::new(e),
     }
 }
 
