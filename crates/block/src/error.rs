@@ -42,7 +42,9 @@ pub enum BlockError {
         reason: String,
     },
     /// Creating an image failed.
-    #[error("cannot create {format} image {path}: check that its directory is writable and has free space")]
+    #[error(
+        "cannot create {format} image {path}: check that its directory is writable and has free space"
+    )]
     Create {
         /// Image path.
         path: PathBuf,
