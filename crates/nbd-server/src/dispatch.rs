@@ -66,6 +66,14 @@ impl Worker {
         (PAYLOAD_ALIGN - addr % PAYLOAD_ALIGN) % PAYLOAD_ALIGN
     }
 
+    /// Make room for a `WRITE` payload of `n` bytes and set
+    /// [`Worker::payload_at`] so it starts at a [`PAYLOAD_ALIGN`] boundary:
+    /// the socket read into the buffer and the disk's copy out of it are
+    /// both cheaper from a page-aligned address, as for read replies.
+    pub(crate) fn take_payload(&mut self, n: usize) {
+        self.payload_at = self.ensure_aligned(0, n);
+    }
+
     /// Release buffers grown by unusually large requests.
     pub(crate) fn trim(&mut self) {
         if self.buf.capacity() > RETAIN_BUFFER {
