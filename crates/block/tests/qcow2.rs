@@ -11,7 +11,7 @@ use understudy_block::qcow2::Qcow2Disk;
 use understudy_block::raw::RawDisk;
 use understudy_block::{
     Disk, DiskMap, DiskRead, DiskSize, DiskWrite, ErrorKind, Extent, ExtentKind, Format,
-    OpenOptions, WriteOpts, ZeroOpts, coalesce, open_disk,
+    OpenOptions, WriteOpts, ZeroOpts, coalesce, error_chain, open_disk,
 };
 
 const MIB: u64 = 1 << 20;
@@ -100,18 +100,6 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-/// An error and its sources, as a user sees them.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn read_all(d: &dyn Disk) -> Vec<u8> {
@@ -866,7 +854,7 @@ fn backing_chain_problems_are_errors() {
         &["-u"],
     );
     let e = Qcow2Disk::open(&orphan, true).unwrap_err();
-    assert!(chain(&e).contains("gone.raw"), "{}", chain(&e));
+    assert!(error_chain(&e).contains("gone.raw"), "{}", error_chain(&e));
 
     // A loop: a -> b -> a.
     let a = t.path().join("a.qcow2");
@@ -888,7 +876,7 @@ fn backing_chain_problems_are_errors() {
         ],
     );
     let e = Qcow2Disk::open(&a, true).unwrap_err();
-    assert!(chain(&e).contains("loops"), "{}", chain(&e));
+    assert!(error_chain(&e).contains("loops"), "{}", error_chain(&e));
 
     // A chain deeper than the limit.
     let mut prev = t.path().join("l0.qcow2");
@@ -899,7 +887,7 @@ fn backing_chain_problems_are_errors() {
         prev = next;
     }
     let e = Qcow2Disk::open(&prev, true).unwrap_err();
-    assert!(chain(&e).contains("deeper"), "{}", chain(&e));
+    assert!(error_chain(&e).contains("deeper"), "{}", error_chain(&e));
     // One layer less is fine.
     let ok = t.path().join(format!(
         "l{}.qcow2",

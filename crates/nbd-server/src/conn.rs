@@ -222,11 +222,7 @@ fn read_full(r: &mut impl Read, mut buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn read_request(
-    reader: &mut impl BufRead,
-    w: &mut Worker,
-    info: &TransmissionInfo,
-) -> Incoming {
+fn read_request(reader: &mut impl BufRead, w: &mut Worker, info: &TransmissionInfo) -> Incoming {
     // Wait for the first byte separately: a timeout here loses nothing.
     loop {
         match reader.fill_buf() {
@@ -578,7 +574,12 @@ mod tests {
         }
     }
     impl DiskWrite for AlignProbe {
-        fn write_at(&self, buf: &[u8], _offset: u64, _o: WriteOpts) -> understudy_block::Result<()> {
+        fn write_at(
+            &self,
+            buf: &[u8],
+            _offset: u64,
+            _o: WriteOpts,
+        ) -> understudy_block::Result<()> {
             let addr = buf.as_ptr() as usize % 4096;
             self.writes.lock().unwrap().push((addr, buf.len(), buf[0]));
             Ok(())
@@ -663,7 +664,10 @@ mod tests {
         assert_eq!(writes.len(), 4);
         for (i, &(addr, len, first)) in writes.iter().enumerate() {
             assert_eq!(first, i as u8 + 1, "write {i} carried the wrong payload");
-            assert_eq!(addr, 0, "payload of write {i} ({len} bytes) is not page aligned");
+            assert_eq!(
+                addr, 0,
+                "payload of write {i} ({len} bytes) is not page aligned"
+            );
         }
     }
 }
