@@ -31,6 +31,10 @@
 #![warn(missing_docs)]
 
 use std::fmt;
+// Only the tests (which `use super::*`) need `io` since refusals stopped
+// being wrapped in `io::Error`; move this into tests.rs when convenient.
+#[cfg(test)]
+use std::io;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
