@@ -41,6 +41,72 @@ pub enum BlockError {
         /// What went wrong, in words.
         reason: String,
     },
+    /// Creating an image failed.
+    #[error(
+        "cannot create {format} image {path}: check that its directory is writable and has free space"
+    )]
+    Create {
+        /// Image path.
+        path: PathBuf,
+        /// Format being created.
+        format: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The backing image named for a new image cannot be found.
+    #[error(
+        "backing image {backing} of {path} is not accessible; a relative name is taken \
+         relative to the new image's directory"
+    )]
+    BackingMissing {
+        /// Image being created.
+        path: PathBuf,
+        /// Backing image, resolved against the new image's directory.
+        backing: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image (or its backing chain) could not be opened by the format
+    /// driver.
+    #[error(
+        "cannot open {path} as {format}: run `qemu-img check` on the image and its backing chain"
+    )]
+    Image {
+        /// Image path.
+        path: PathBuf,
+        /// Format that was tried.
+        format: &'static str,
+        /// Cause, from the format driver.
+        #[source]
+        source: io::Error,
+    },
+    /// The format driver panicked; the disk refuses further requests.
+    #[error("{op} on {path} panicked inside the format driver")]
+    Panicked {
+        /// Operation.
+        op: &'static str,
+        /// Image path.
+        path: PathBuf,
+        /// The panic.
+        #[source]
+        source: crate::qcow2::ImagoPanic,
+    },
+    /// A write was refused before it reached the disk (a write observer
+    /// above it said no).
+    #[error("{op} of {len} bytes at offset {offset} was refused before reaching the disk")]
+    Refused {
+        /// Operation: "write", "write-zeroes" or "discard".
+        op: &'static str,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Who refused and why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Reading failed.
     #[error("read of {len} bytes at offset {offset} failed")]
     Read {
@@ -147,7 +213,14 @@ impl BlockError {
             | BlockError::Flush { source }
             | BlockError::Map { source, .. }
             | BlockError::Open { source, .. } => io_kind(source),
-            BlockError::Format { .. } | BlockError::Backend { .. } => ErrorKind::Io,
+            // Whatever the cause, these are I/O failures to a client.
+            BlockError::Format { .. }
+            | BlockError::Backend { .. }
+            | BlockError::Create { .. }
+            | BlockError::BackingMissing { .. }
+            | BlockError::Image { .. }
+            | BlockError::Panicked { .. }
+            | BlockError::Refused { .. } => ErrorKind::Io,
             BlockError::OutOfBounds { .. } => ErrorKind::OutOfBounds,
             BlockError::ReadOnly => ErrorKind::ReadOnly,
             BlockError::NotSupported(_) => ErrorKind::NotSupported,

@@ -1,27 +1,33 @@
-/// Allocation state of a range.
+/// What a range of a disk is, as this layer sees it.
+///
+/// A plain description of the range, not of any protocol: the NBD
+/// `base:allocation` flags are derived from it in `understudy-nbd-server`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExtentKind {
-    /// Allocated, holds data (in this image or a backing image).
+    /// Allocated in this image; holds data.
     Data,
-    /// Allocated, reads as zeroes.
+    /// Not allocated in this image: the bytes come from a backing layer
+    /// (qcow2 overlays), which holds data there. Backing ranges known to
+    /// read as zeroes are [`ExtentKind::Zero`] or [`ExtentKind::Hole`]
+    /// instead, so callers that skip zeroes need not look deeper.
+    Backing,
+    /// Allocated (in this image or a backing layer), reads as zeroes.
     Zero,
     /// Not allocated anywhere in the chain; reads as zeroes.
     Hole,
 }
 
 impl ExtentKind {
-    /// NBD `base:allocation` flags: bit 0 = hole, bit 1 = reads as zero.
-    pub fn nbd_flags(self) -> u32 {
-        match self {
-            ExtentKind::Data => 0,
-            ExtentKind::Zero => 2,
-            ExtentKind::Hole => 3,
-        }
-    }
-
     /// Whether the range reads as zeroes.
     pub fn reads_zero(self) -> bool {
-        !matches!(self, ExtentKind::Data)
+        matches!(self, ExtentKind::Zero | ExtentKind::Hole)
+    }
+
+    /// Whether a full copy of the disk must copy the range's bytes: data,
+    /// wherever in the chain it lives (a copy is a flat image, with no
+    /// backing layer to fall back on).
+    pub fn needs_copy(self) -> bool {
+        !self.reads_zero()
     }
 }
 

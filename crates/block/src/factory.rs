@@ -32,13 +32,23 @@ impl fmt::Display for Format {
     }
 }
 
+/// A format name that is neither `raw` nor `qcow2`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown image format {name:?}: use raw or qcow2")]
+pub struct UnknownFormat {
+    /// The name given.
+    pub name: String,
+}
+
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownFormat> {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
-            other => Err(format!("unknown image format {other:?}: use raw or qcow2")),
+            other => Err(UnknownFormat {
+                name: other.to_owned(),
+            }),
         }
     }
 }

@@ -31,7 +31,7 @@ pub mod raw;
 
 pub use error::{BlockError, ErrorKind};
 pub use extent::{Extent, ExtentKind, coalesce};
-pub use factory::{Format, OpenOptions, detect_format, open_disk};
+pub use factory::{Format, OpenOptions, UnknownFormat, detect_format, open_disk};
 
 /// Sequence number of a write-ordering epoch.
 ///

@@ -21,12 +21,14 @@
 //! # Allocation map
 //!
 //! [`DiskMap::map`] follows the backing chain for each range:
-//! data in this image or any backing image (including compressed clusters)
-//! is [`ExtentKind::Data`]; zero clusters anywhere in the chain, and holes
+//! data in this image (including compressed clusters) is
+//! [`ExtentKind::Data`], data in a backing image is
+//! [`ExtentKind::Backing`]; zero clusters anywhere in the chain, and holes
 //! of a raw backing file, are [`ExtentKind::Zero`]; ranges unallocated in
 //! every layer (or past the end of a shorter backing file) are
 //! [`ExtentKind::Hole`]. This is what `qemu-img map --output=json` reports
-//! as `data`, `zero && present`, and `!present`.
+//! as `data && depth == 0`, `data && depth > 0`, `zero && present`, and
+//! `!present`.
 //!
 //! # Zeroes and discard
 //!
@@ -161,13 +163,13 @@ impl Qcow2Disk {
                 // Check before touching the target, so a typo does not
                 // leave an image behind that cannot be opened.
                 let resolved = path.parent().unwrap_or(Path::new(".")).join(p);
-                std::fs::metadata(&resolved).map_err(|e| {
-                    fmt_err(format!(
-                        "backing image {} is not accessible ({e}); a relative name is taken \
-                         relative to the new image's directory",
-                        resolved.display()
-                    ))
-                })?;
+                if let Err(source) = std::fs::metadata(&resolved) {
+                    return Err(BlockError::BackingMissing {
+                        path: path.to_owned(),
+                        backing: resolved,
+                        source,
+                    });
+                }
                 let name = p.to_str().ok_or_else(|| {
                     fmt_err(format!(
                         "backing path {} is not valid UTF-8; rename the backing file",
@@ -206,8 +208,13 @@ impl Qcow2Disk {
             builder = builder.backing(name, format);
         }
         let created = catch_imago(path, "qcow2 create", || builder.create())
-            .map_err(fmt_err)
-            .and_then(|r| r.map_err(|e| fmt_err(format!("creating the image failed: {e}"))))
+            .and_then(|r| {
+                r.map_err(|source| BlockError::Create {
+                    path: path.to_owned(),
+                    format: "qcow2",
+                    source,
+                })
+            })
             .and_then(|()| Self::open_inner(path, false, Some(lock_file)));
         if created.is_err() {
             // Do not leave a half-made image behind (we truncated or
@@ -267,12 +274,11 @@ impl Qcow2Disk {
                 .write(!read_only)
                 .open(gate)
                 .map(FormatAccess::new)
-        })
-        .map_err(fmt_err)?
-        .map_err(|e| {
-            fmt_err(format!(
-                "{e}; run `qemu-img check` on the image and its backing chain"
-            ))
+        })?
+        .map_err(|source| BlockError::Image {
+            path: path.to_owned(),
+            format: "qcow2",
+            source,
         })?;
 
         let raw_base = match shared.lock().raw_base.take() {
@@ -355,9 +361,8 @@ impl Qcow2Disk {
                 ),
             });
         }
-        catch_imago(&self.path, op, f).map_err(|reason| {
+        catch_imago(&self.path, op, f).inspect_err(|_| {
             self.failed.store(true, Ordering::Release);
-            BlockError::Backend { op, reason }
         })
     }
 
@@ -459,7 +464,12 @@ impl Qcow2Disk {
         let mut off = offset;
         let mut len = len;
         // One step per layer; the gate bounds the chain length.
-        for _ in 0..=MAX_CHAIN_DEPTH {
+        for depth in 0..=MAX_CHAIN_DEPTH {
+            let data = if depth == 0 {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Backing
+            };
             let (m, n) = layer.get_shallow_mapping(off, len)?;
             if n == 0 {
                 // Past the end of a (shorter) backing image: reads as zero,
@@ -474,7 +484,7 @@ impl Qcow2Disk {
                     if layer.inner().format() == ImagoFormat::Raw {
                         return Ok(self.refine_raw_base(storage, offset, n));
                     }
-                    return Ok((ExtentKind::Data, n));
+                    return Ok((data, n));
                 }
                 ShallowMapping::Zero { explicit: true, .. } => return Ok((ExtentKind::Zero, n)),
                 ShallowMapping::Zero {
@@ -492,7 +502,7 @@ impl Qcow2Disk {
                 ShallowMapping::Eof { .. } => return Ok((ExtentKind::Hole, len)),
                 // Compressed clusters and anything newer imago may add:
                 // reporting data is always safe (it is copied, not skipped).
-                _ => return Ok((ExtentKind::Data, n)),
+                _ => return Ok((data, n)),
             }
         }
         Err(io::Error::other(format!(
@@ -500,31 +510,32 @@ impl Qcow2Disk {
         )))
     }
 
-    /// Split a range of the raw backing file into data and holes. Falls
-    /// back to "data" (always safe) when the file is not the one we know.
+    /// Split a range of the raw backing file into backing data and holes.
+    /// Falls back to backing data (always safe) when the file is not the
+    /// one we know. A raw file is never the top layer.
     fn refine_raw_base(&self, storage: &ImagoFile, offset: u64, len: u64) -> (ExtentKind, u64) {
         let Some((path, raw)) = self.raw_base.as_ref() else {
-            return (ExtentKind::Data, len);
+            return (ExtentKind::Backing, len);
         };
         if storage.get_filename().as_deref() != Some(path.as_path()) {
-            return (ExtentKind::Data, len);
+            return (ExtentKind::Backing, len);
         }
         match raw.map(offset, len) {
             Ok(ext) => match ext.first() {
                 Some(e) => {
                     let kind = match e.kind {
-                        ExtentKind::Data => ExtentKind::Data,
+                        ExtentKind::Data | ExtentKind::Backing => ExtentKind::Backing,
                         // Present in the chain (the raw layer covers it)
                         // but reads as zero: what QEMU calls zero+present.
                         ExtentKind::Zero | ExtentKind::Hole => ExtentKind::Zero,
                     };
                     (kind, e.len.clamp(1, len))
                 }
-                None => (ExtentKind::Data, len),
+                None => (ExtentKind::Backing, len),
             },
             Err(e) => {
                 tracing::debug!(path = %path.display(), "raw backing map failed, reporting data: {e}");
-                (ExtentKind::Data, len)
+                (ExtentKind::Backing, len)
             }
         }
     }
@@ -736,13 +747,20 @@ impl Disk for Qcow2Disk {
     }
 }
 
-/// Run `f`, turning a panic inside imago into a description of it: nothing
-/// read from an image file may take the process down.
-fn catch_imago<T>(
-    path: &Path,
-    op: &'static str,
-    f: impl FnOnce() -> T,
-) -> std::result::Result<T, String> {
+/// A panic inside imago, caught (see [`BlockError::Panicked`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "imago panicked ({what}); the image is probably corrupt: run `qemu-img check` on it and \
+     reopen it"
+)]
+pub struct ImagoPanic {
+    /// The panic message.
+    pub what: String,
+}
+
+/// Run `f`, turning a panic inside imago into an error: nothing read from
+/// an image file may take the process down.
+fn catch_imago<T>(path: &Path, op: &'static str, f: impl FnOnce() -> T) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
         let what = payload
             .downcast_ref::<&str>()
@@ -750,11 +768,11 @@ fn catch_imago<T>(
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".to_owned());
         tracing::error!(op, path = %path.display(), "imago panicked: {what}");
-        format!(
-            "imago panicked ({what}) on {}; the image is probably corrupt: run `qemu-img check` \
-             on it",
-            path.display()
-        )
+        BlockError::Panicked {
+            op,
+            path: path.to_owned(),
+            source: ImagoPanic { what },
+        }
     })
 }
 

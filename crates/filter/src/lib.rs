@@ -31,6 +31,9 @@
 #![warn(missing_docs)]
 
 use std::fmt;
+// Only the tests (which `use super::*`) need `io` since refusals stopped
+// being wrapped in `io::Error`; move this into tests.rs when convenient.
+#[cfg(test)]
 use std::io;
 use std::sync::Arc;
 
@@ -282,25 +285,18 @@ impl FilterDisk {
     }
 }
 
-/// The block error for a write an observer refused.
+/// The block error for a write an observer refused (the observer's error
+/// chained as the source, so callers can still reach a `StoreError`).
 fn refused(op: &WriteOp<'_>, e: ObserverError) -> BlockError {
-    let (offset, len, source) = (op.offset, op.len, io::Error::other(e));
-    match op.kind {
-        WriteKind::Data(_) => BlockError::Write {
-            offset,
-            len,
-            source,
+    BlockError::Refused {
+        op: match op.kind {
+            WriteKind::Data(_) => "write",
+            WriteKind::Zeroes(_) => "write-zeroes",
+            WriteKind::Discard => "discard",
         },
-        WriteKind::Zeroes(_) => BlockError::WriteZeroes {
-            offset,
-            len,
-            source,
-        },
-        WriteKind::Discard => BlockError::Discard {
-            offset,
-            len,
-            source,
-        },
+        offset: op.offset,
+        len: op.len,
+        source: Box::new(e),
     }
 }
 

@@ -437,7 +437,7 @@ fn allocated(disk: &dyn Disk) -> Result<Vec<(u64, u64)>, MigrationError> {
             break;
         }
         for e in &ext {
-            if e.kind == ExtentKind::Data {
+            if e.kind.needs_copy() {
                 out.push((e.offset, e.len));
             }
         }
@@ -512,7 +512,7 @@ impl Copier<'_> {
                 _ => (ExtentKind::Data, n),
             };
             let lock = self.obs.locks.lock(pos, n);
-            let r = if kind == ExtentKind::Data {
+            let r = if kind.needs_copy() {
                 self.buf.resize(n as usize, 0);
                 self.disk
                     .read_at(&mut self.buf, pos)
@@ -532,7 +532,7 @@ impl Copier<'_> {
             };
             self.obs.locks.unlock(lock);
             r?;
-            if kind == ExtentKind::Data {
+            if kind.needs_copy() {
                 sent += n;
                 self.throttle(n);
                 self.status.lock().data_bytes += n;

@@ -222,11 +222,7 @@ fn read_full(r: &mut impl Read, mut buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn read_request(
-    reader: &mut BufReader<Stream>,
-    w: &mut Worker,
-    info: &TransmissionInfo,
-) -> Incoming {
+fn read_request(reader: &mut impl BufRead, w: &mut Worker, info: &TransmissionInfo) -> Incoming {
     // Wait for the first byte separately: a timeout here loses nothing.
     loop {
         match reader.fill_buf() {
@@ -251,8 +247,9 @@ fn read_request(
         return Incoming::End(End::PayloadTooLarge(req));
     }
     if payload > 0 {
-        w.ensure(payload as usize);
-        if read_full(reader, &mut w.buf[..payload as usize]).is_err() {
+        w.take_payload(payload as usize);
+        let at = w.payload_at;
+        if read_full(reader, &mut w.buf[at..at + payload as usize]).is_err() {
             return Incoming::End(End::EofInPayload(req));
         }
     }
@@ -328,7 +325,7 @@ impl Conn {
                 self.waiting.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
-            let (req, valid) = match read_request(&mut reader, &mut w, &self.info) {
+            let (req, valid) = match read_request(&mut *reader, &mut w, &self.info) {
                 Incoming::Request(r, v) => (r, v),
                 Incoming::Idle => {
                     drop(reader);
@@ -540,5 +537,137 @@ impl Conn {
         }
         self.control.shutdown(Shutdown::Both);
         tracing::debug!(conn = self.id, "connection closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use understudy_block::{
+        Disk, DiskInfo, DiskMap, DiskRead, DiskSize, DiskWrite, Extent, ExtentKind, Format,
+        WriteOpts, ZeroOpts,
+    };
+    use understudy_nbd_proto::wire::{CMD_WRITE, FLAG_HAS_FLAGS};
+
+    use super::*;
+    use crate::stats::Counters;
+
+    const SIZE: u64 = 4 << 20;
+
+    /// A disk that records where each write's buffer starts in memory.
+    #[derive(Debug, Default)]
+    struct AlignProbe {
+        /// (address % 4096, length, first byte) per write.
+        writes: StdMutex<Vec<(usize, usize, u8)>>,
+    }
+
+    impl DiskSize for AlignProbe {
+        fn size(&self) -> u64 {
+            SIZE
+        }
+    }
+    impl DiskRead for AlignProbe {
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> understudy_block::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+    impl DiskWrite for AlignProbe {
+        fn write_at(
+            &self,
+            buf: &[u8],
+            _offset: u64,
+            _o: WriteOpts,
+        ) -> understudy_block::Result<()> {
+            let addr = buf.as_ptr() as usize % 4096;
+            self.writes.lock().unwrap().push((addr, buf.len(), buf[0]));
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: ZeroOpts) -> understudy_block::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64, _: WriteOpts) -> understudy_block::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> understudy_block::Result<()> {
+            Ok(())
+        }
+    }
+    impl DiskMap for AlignProbe {
+        fn map(&self, offset: u64, len: u64) -> understudy_block::Result<Vec<Extent>> {
+            Ok(vec![Extent {
+                offset,
+                len,
+                kind: ExtentKind::Data,
+            }])
+        }
+    }
+    impl Disk for AlignProbe {
+        fn info(&self) -> DiskInfo {
+            DiskInfo {
+                format: Format::Raw,
+                size: SIZE,
+                read_only: false,
+                can_discard: false,
+                can_fast_zero: false,
+                flush_covers_all_handles: true,
+                preferred_block_size: 4096,
+            }
+        }
+    }
+
+    /// Receive one WRITE of `len` bytes of `fill` through `read_request`
+    /// and run it, as a worker does.
+    fn receive_write(disk: &AlignProbe, w: &mut Worker, len: u32, fill: u8) {
+        let req = Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 7,
+            offset: 0,
+            length: len,
+        };
+        let mut wire = req.encode().to_vec();
+        wire.resize(wire.len() + len as usize, fill);
+        let info = TransmissionInfo {
+            size: SIZE,
+            flags: FLAG_HAS_FLAGS,
+            structured: false,
+            has_meta_contexts: false,
+            order: false,
+        };
+        let Incoming::Request(_, Ok(valid)) = read_request(&mut &wire[..], w, &info) else {
+            panic!("a well-formed WRITE of {len} bytes was not accepted");
+        };
+        let stats = Counters::default();
+        let t = Target {
+            disk,
+            dirty: None,
+            ordering: None,
+            contexts: &[],
+            structured: false,
+            stats: &stats,
+        };
+        assert_eq!(dispatch::execute(&t, w, valid), ReplyBuf::Out);
+    }
+
+    #[test]
+    fn large_write_payloads_reach_the_disk_page_aligned() {
+        let disk = AlignProbe::default();
+        let mut w = Worker::default();
+        // Odd sizes first, so the buffer was grown and reused unaligned.
+        receive_write(&disk, &mut w, 1000, 1);
+        receive_write(&disk, &mut w, 1 << 20, 2);
+        receive_write(&disk, &mut w, 3, 3);
+        receive_write(&disk, &mut w, (2 << 20) + 512, 4);
+        let writes = disk.writes.lock().unwrap();
+        assert_eq!(writes.len(), 4);
+        for (i, &(addr, len, first)) in writes.iter().enumerate() {
+            assert_eq!(first, i as u8 + 1, "write {i} carried the wrong payload");
+            assert_eq!(
+                addr, 0,
+                "payload of write {i} ({len} bytes) is not page aligned"
+            );
+        }
     }
 }

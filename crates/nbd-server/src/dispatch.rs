@@ -2,7 +2,7 @@
 //! into per-worker buffers (no allocation on the hot path once the buffers
 //! have grown to the working size).
 
-use understudy_block::{BlockError, Disk, Epoch, ErrorKind, WriteOpts, ZeroOpts};
+use understudy_block::{BlockError, Disk, Epoch, ErrorKind, ExtentKind, WriteOpts, ZeroOpts};
 use understudy_nbd_proto::reply::{
     BlockStatusBuilder, error_chunk, none_chunk, offset_data_header, offset_hole_chunk,
     simple_reply,
@@ -64,6 +64,14 @@ impl Worker {
         self.ensure(n + PAYLOAD_ALIGN);
         let addr = self.buf.as_ptr() as usize + header;
         (PAYLOAD_ALIGN - addr % PAYLOAD_ALIGN) % PAYLOAD_ALIGN
+    }
+
+    /// Make room for a `WRITE` payload of `n` bytes and set
+    /// [`Worker::payload_at`] so it starts at a [`PAYLOAD_ALIGN`] boundary:
+    /// the socket read into the buffer and the disk's copy out of it are
+    /// both cheaper from a page-aligned address, as for read replies.
+    pub(crate) fn take_payload(&mut self, n: usize) {
+        self.payload_at = self.ensure_aligned(0, n);
     }
 
     /// Release buffers grown by unusually large requests.
@@ -499,6 +507,21 @@ fn block_status(
     ReplyBuf::Out
 }
 
+/// The NBD `base:allocation` flags for what the block layer says a range is.
+///
+/// A range that lives in a backing layer is reported as allocated data
+/// (flags 0), as QEMU's NBD server does: `base:allocation` describes the
+/// image as the client reads it, the whole chain flattened. Where in the
+/// chain data lives is `qemu:allocation-depth`'s business, which we do not
+/// serve; a client copying the export must copy those bytes.
+pub(crate) fn allocation_flags(kind: ExtentKind) -> u32 {
+    match kind {
+        ExtentKind::Data | ExtentKind::Backing => 0,
+        ExtentKind::Zero => STATE_ZERO,
+        ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
+    }
+}
+
 fn fill_allocation(
     disk: &dyn Disk,
     offset: u64,
@@ -514,7 +537,7 @@ fn fill_allocation(
                 break;
             }
             pos = e.end();
-            if !b.push(e.len, e.kind.nbd_flags()) {
+            if !b.push(e.len, allocation_flags(e.kind)) {
                 return Ok(());
             }
         }
@@ -552,4 +575,19 @@ fn fill_dirty(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_flags_follow_the_nbd_spec() {
+        assert_eq!(allocation_flags(ExtentKind::Data), 0);
+        // Backing data reads as data: allocated, not zero (as QEMU says).
+        assert_eq!(allocation_flags(ExtentKind::Backing), 0);
+        assert_eq!(allocation_flags(ExtentKind::Zero), STATE_ZERO);
+        assert_eq!(allocation_flags(ExtentKind::Hole), STATE_HOLE | STATE_ZERO);
+        assert_eq!(STATE_HOLE | STATE_ZERO, 3);
+    }
 }

@@ -150,8 +150,13 @@ fn disconnect_mid_write_payload_writes_nothing() {
     c.request(CMD_WRITE, 0, 1, 4096, 65536);
     c.send(&[0xab; 30000]);
     drop(c);
-    // Let the server notice, then check nothing reached the disk.
-    std::thread::sleep(Duration::from_millis(100));
+    // Once the server has closed the connection, nothing more can reach
+    // the disk: check that nothing did.
+    wait_for(
+        "the server to close the connection cut mid-payload",
+        Duration::from_secs(10),
+        || ts.server.stats().connections_active == 0,
+    );
     assert_eq!(read_file_range(&path, 4096, 65536), vec![0; 65536]);
     assert_eq!(ts.server.stats().writes, 0);
     still_serving(&ts);
@@ -199,9 +204,11 @@ fn idle_connections_cost_one_thread_and_do_not_block_others() {
         }
     }
     let start = Instant::now();
-    while ts.server.stats().connections_active < 200 && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(
+        "the server to count 200 open connections",
+        Duration::from_secs(5),
+        || ts.server.stats().connections_active >= 200,
+    );
     assert_eq!(ts.server.stats().connections_active, 200);
     let with_idle = thread_count();
     assert!(

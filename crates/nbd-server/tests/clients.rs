@@ -394,3 +394,52 @@ fn read_only_export_refuses_writes() {
         .unwrap();
     assert_eq!(b, [0x77; 4096]);
 }
+
+/// A qcow2 overlay: data in the backing file is reported as allocated
+/// data (type 0), like data in the overlay itself, as QEMU's server does;
+/// only ranges that read as zero carry the zero/hole bits.
+#[test]
+fn nbdinfo_maps_backing_data_of_a_qcow2_overlay_as_data() {
+    use understudy_block::qcow2::Qcow2Disk;
+    use understudy_block::raw::RawDisk;
+    use understudy_block::{Disk, DiskMap};
+    use understudy_nbd_server::Export;
+
+    let ts = TestServer::start(ServerConfig::default());
+    let base = ts.dir.path().join("base.raw");
+    let b = RawDisk::create(&base, 4 * MIB).unwrap();
+    write_pattern(&b, MIB, 128 * 1024, 1);
+    drop(b);
+    let top = ts.dir.path().join("top.qcow2");
+    let d = Qcow2Disk::create(&top, 4 * MIB, Some((&base, understudy_block::Format::Raw))).unwrap();
+    write_pattern(&d, 2 * MIB, 64 * 1024, 2);
+    // Sanity: the block layer does tell the two apart.
+    assert_eq!(
+        d.map(MIB, 1).unwrap()[0].kind,
+        understudy_block::ExtentKind::Backing
+    );
+    assert_eq!(
+        d.map(2 * MIB, 1).unwrap()[0].kind,
+        understudy_block::ExtentKind::Data
+    );
+    let disk: Arc<dyn Disk> = Arc::new(d);
+    ts.server.exports().insert(Export::new("overlay", disk));
+
+    let map: Value =
+        serde_json::from_str(&run_ok("nbdinfo", &["--map", "--json", &ts.uri("overlay")])).unwrap();
+    let ext = map.as_array().unwrap();
+    let kind_at = |off: u64| {
+        ext.iter()
+            .find(|e| {
+                let o = e["offset"].as_u64().unwrap();
+                o <= off && off < o + e["length"].as_u64().unwrap()
+            })
+            .map(|e| e["type"].as_u64().unwrap())
+    };
+    assert_eq!(kind_at(MIB), Some(0), "backing data: {map}");
+    assert_eq!(kind_at(2 * MIB), Some(0), "overlay data: {map}");
+    // A hole of the raw backing file: present in the chain, reads as zero.
+    assert_eq!(kind_at(3 * MIB), Some(2), "backing hole: {map}");
+    let total: u64 = ext.iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    assert_eq!(total, 4 * MIB);
+}

@@ -6,11 +6,11 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{RawClient, TestServer};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use understudy_block::{
     BlockError, Disk, DiskInfo, DiskMap, DiskRead, DiskSize, DiskWrite, Epoch, Extent, ExtentKind,
     Format, WriteOpts, ZeroOpts,
@@ -29,7 +29,8 @@ enum Ev {
 }
 
 /// An in-memory disk that logs writes (tagged by their first byte) and
-/// order calls, and makes writes slow so they overlap.
+/// order calls, and can make writes slow (so they are still running when
+/// a barrier arrives) or make them prove that they overlap.
 #[derive(Debug, Default)]
 struct LogDisk {
     data: Mutex<Vec<u8>>,
@@ -37,6 +38,12 @@ struct LogDisk {
     epoch: AtomicU64,
     write_delay_ms: AtomicU64,
     fail_order: AtomicBool,
+    /// Writes tagged this or higher (0: none) do not finish until two of
+    /// them have started: they run in parallel, or (after a deadline) the
+    /// log shows they did not.
+    overlap_from_tag: AtomicU8,
+    overlap_started: Mutex<usize>,
+    overlap_cv: Condvar,
 }
 
 impl LogDisk {
@@ -44,6 +51,27 @@ impl LogDisk {
         let d = Self::default();
         *d.data.lock() = vec![0; SIZE as usize];
         Arc::new(d)
+    }
+
+    /// See `overlap_from_tag`.
+    fn wait_for_overlap(&self, tag: u8) {
+        let from = self.overlap_from_tag.load(Ordering::Relaxed);
+        if from == 0 || tag < from {
+            return;
+        }
+        let mut started = self.overlap_started.lock();
+        *started += 1;
+        self.overlap_cv.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *started < 2 {
+            if self
+                .overlap_cv
+                .wait_until(&mut started, deadline)
+                .timed_out()
+            {
+                break; // serialised: the caller's assertion reports it
+            }
+        }
     }
 }
 
@@ -65,6 +93,7 @@ impl DiskWrite for LogDisk {
     fn write_at(&self, buf: &[u8], offset: u64, _: WriteOpts) -> understudy_block::Result<()> {
         let tag = buf[0];
         self.log.lock().push(Ev::WriteStart(tag));
+        self.wait_for_overlap(tag);
         std::thread::sleep(Duration::from_millis(
             self.write_delay_ms.load(Ordering::Relaxed),
         ));
@@ -180,6 +209,7 @@ fn replies(c: &mut RawClient, n: usize) -> std::collections::HashMap<u64, u32> {
 fn order_splits_pipelined_writes_in_receive_order() {
     let (srv, disk, syncs) = server();
     disk.write_delay_ms.store(40, Ordering::Relaxed);
+    disk.overlap_from_tag.store(5, Ordering::Relaxed);
     let (mut c, _, _) = RawClient::connect_go(&srv.addr(), "j", true, &["understudy:order"]);
     // Everything pipelined: four slow writes, ORDER, four more writes.
     for tag in 1..=4u8 {
@@ -211,7 +241,7 @@ fn order_splits_pipelined_writes_in_receive_order() {
     let first_end = (5..=8).map(|t| at(Ev::WriteEnd(t))).min().unwrap();
     assert!(
         starts.iter().filter(|&&s| s < first_end).count() >= 2,
-        "{log:?}"
+        "writes after ORDER ran one at a time: {log:?}"
     );
     assert_eq!(syncs.n.load(Ordering::SeqCst), 0, "ORDER without FUA syncs");
     assert_eq!(srv.server.stats().orders, 1);

@@ -7,7 +7,7 @@ mod common;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use understudy_block::{
@@ -54,10 +54,11 @@ fn helpers_spawn_under_pipelining_and_retire_when_idle() {
     assert!(peak > 1, "no helper was ever spawned");
     assert!(peak <= 4, "more than max_workers_per_connection: {peak}");
     // Idle: helpers retire back to the connection thread alone.
-    let start = Instant::now();
-    while threads() > 1 && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "idle helper workers to retire",
+        Duration::from_secs(10),
+        || threads() <= 1,
+    );
     assert_eq!(threads(), 1, "helpers did not retire");
     // And the connection still works with one worker.
     c.request(CMD_READ, 0, 1, 0, 4);

@@ -58,8 +58,8 @@ impl PeerConfig {
     /// Check every field.
     pub fn validate(&self) -> Result<(), PeerError> {
         let bad = |reason: String| Err(PeerError::Config { reason });
-        if let Err(reason) = wire::check_node_id(&self.node_id) {
-            return bad(reason);
+        if let Err(e) = wire::check_node_id(&self.node_id) {
+            return bad(e.to_string());
         }
         if !(MIN_MAX_PAYLOAD..=MAX_MAX_PAYLOAD).contains(&self.max_payload) {
             return bad(format!(

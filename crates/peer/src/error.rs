@@ -2,6 +2,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::key::KeyProblem;
 use crate::wire::VersionRange;
 
 /// Errors of the peer link: one variant per failed operation.
@@ -30,14 +31,14 @@ pub enum PeerError {
     },
     /// The key file content is not an acceptable key.
     #[error(
-        "peer key file {path} is not usable: {reason}; create a new one with at least 32 random \
+        "peer key file {path} is not usable: {problem}; create a new one with at least 32 random \
          bytes (raw, or as 64+ hex digits)"
     )]
     KeyInvalid {
         /// Key file (empty for keys given as bytes).
         path: PathBuf,
-        /// What is wrong, in words.
-        reason: String,
+        /// What is wrong with it (bad input, described in the message).
+        problem: KeyProblem,
     },
     /// Writing a new key file failed.
     #[error(

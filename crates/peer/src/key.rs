@@ -21,6 +21,41 @@ const MAX_KEY_FILE: u64 = 4096;
 /// key every session is derived from.
 const PSK_CONTEXT: &str = "understudy-peer 2026-11-22 pre-shared key";
 
+/// Why key material (or a key file) is not an acceptable key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyProblem {
+    /// The path is a directory or some other non-file.
+    #[error("it is not a regular file")]
+    NotAFile,
+    /// The file is too large to be a key file.
+    #[error("it is larger than {MAX_KEY_FILE} bytes (is it really a key file?)")]
+    FileTooLarge,
+    /// A hex key with an odd number of digits.
+    #[error("it holds an odd number ({digits}) of hex digits")]
+    OddHexDigits {
+        /// Hex digits in the file.
+        digits: usize,
+    },
+    /// Fewer than [`MIN_KEY_LEN`] bytes.
+    #[error("it holds {len} bytes of key, fewer than the {MIN_KEY_LEN} required")]
+    TooShort {
+        /// Key bytes found.
+        len: usize,
+    },
+    /// More than [`MAX_KEY_LEN`] bytes.
+    #[error("it holds {len} bytes of key, more than the {MAX_KEY_LEN} allowed")]
+    TooLong {
+        /// Key bytes found.
+        len: usize,
+    },
+    /// Too few distinct byte values to be random (a placeholder).
+    #[error("it uses only {distinct} distinct byte values, so it is not random")]
+    NotRandom {
+        /// Distinct byte values found.
+        distinct: usize,
+    },
+}
+
 /// A pre-shared key. Both sides of a link must hold the same one.
 ///
 /// Only a 32-byte digest of the key material is kept in memory. `Debug`
@@ -40,9 +75,9 @@ impl PeerKey {
     /// A key from raw bytes: at least [`MIN_KEY_LEN`] and at most
     /// [`MAX_KEY_LEN`] bytes that do not look like a placeholder.
     pub fn from_bytes(bytes: &[u8]) -> Result<PeerKey, PeerError> {
-        check_material(bytes).map_err(|reason| PeerError::KeyInvalid {
+        check_material(bytes).map_err(|problem| PeerError::KeyInvalid {
             path: PathBuf::new(),
-            reason,
+            problem,
         })?;
         Ok(PeerKey::derive(bytes))
     }
@@ -69,7 +104,7 @@ impl PeerKey {
         if !meta.is_file() {
             return Err(PeerError::KeyInvalid {
                 path: path.to_path_buf(),
-                reason: "it is not a regular file".into(),
+                problem: KeyProblem::NotAFile,
             });
         }
         if meta.permissions().mode() & 0o077 != 0 {
@@ -83,14 +118,12 @@ impl PeerKey {
         file.take(MAX_KEY_FILE + 1)
             .read_to_end(&mut content)
             .map_err(read_err)?;
-        let invalid = |reason: String| PeerError::KeyInvalid {
+        let invalid = |problem| PeerError::KeyInvalid {
             path: path.to_path_buf(),
-            reason,
+            problem,
         };
         if content.len() as u64 > MAX_KEY_FILE {
-            return Err(invalid(format!(
-                "it is larger than {MAX_KEY_FILE} bytes (is it really a key file?)"
-            )));
+            return Err(invalid(KeyProblem::FileTooLarge));
         }
         let material = match decode_hex(trim_end(&content)) {
             Some(hex) => hex.map_err(invalid)?,
@@ -149,15 +182,12 @@ fn trim_end(b: &[u8]) -> &[u8] {
 /// Hex to bytes, or `None` if `text` is not made only of hex digits (then
 /// the file is raw key bytes; 32 random bytes are all hex digits with
 /// probability about 2^-42).
-fn decode_hex(text: &[u8]) -> Option<Result<Vec<u8>, String>> {
+fn decode_hex(text: &[u8]) -> Option<Result<Vec<u8>, KeyProblem>> {
     if text.is_empty() || !text.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     if !text.len().is_multiple_of(2) {
-        return Some(Err(format!(
-            "it holds an odd number ({}) of hex digits",
-            text.len()
-        )));
+        return Some(Err(KeyProblem::OddHexDigits { digits: text.len() }));
     }
     let nibble = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
     Some(Ok(text
@@ -166,18 +196,12 @@ fn decode_hex(text: &[u8]) -> Option<Result<Vec<u8>, String>> {
         .collect()))
 }
 
-fn check_material(bytes: &[u8]) -> Result<(), String> {
+fn check_material(bytes: &[u8]) -> Result<(), KeyProblem> {
     if bytes.len() < MIN_KEY_LEN {
-        return Err(format!(
-            "it holds {} bytes of key, fewer than the {MIN_KEY_LEN} required",
-            bytes.len()
-        ));
+        return Err(KeyProblem::TooShort { len: bytes.len() });
     }
     if bytes.len() > MAX_KEY_LEN {
-        return Err(format!(
-            "it holds {} bytes of key, more than the {MAX_KEY_LEN} allowed",
-            bytes.len()
-        ));
+        return Err(KeyProblem::TooLong { len: bytes.len() });
     }
     // Not an entropy estimate, only a guard against placeholders such as
     // 32 zero bytes or "aaaa...": 32 random bytes have about 30 distinct
@@ -188,9 +212,7 @@ fn check_material(bytes: &[u8]) -> Result<(), String> {
     }
     let distinct = seen.iter().filter(|&&s| s).count();
     if distinct < 8 {
-        return Err(format!(
-            "it uses only {distinct} distinct byte values, so it is not random"
-        ));
+        return Err(KeyProblem::NotRandom { distinct });
     }
     Ok(())
 }

@@ -54,7 +54,7 @@ pub use frame::{Decoded, Opener, SealedFrame, Sealer};
 pub use handshake::{
     Handshake, HandshakeParams, PeerHello, Role, Session, handshake_in_memory, random_nonce,
 };
-pub use key::{MAX_KEY_LEN, MIN_KEY_LEN, PeerKey, generate_key_file};
+pub use key::{KeyProblem, MAX_KEY_LEN, MIN_KEY_LEN, PeerKey, generate_key_file};
 pub use link::{Frame, Link, LinkReceiver, LinkSender, RESPONDER_PURPOSE};
 pub use listener::PeerListener;
 pub use stream::Stream;

@@ -365,7 +365,9 @@ impl LinkReceiver {
                 }
                 Some(MsgType::Error) => {
                     let (code, message) =
-                        wire::decode_error(buf).map_err(|reason| PeerError::Protocol { reason })?;
+                        wire::decode_error(buf).map_err(|e| PeerError::Protocol {
+                            reason: e.to_string(),
+                        })?;
                     return Err(PeerError::Remote { code, message });
                 }
                 Some(MsgType::Invalid) | None => {

@@ -142,34 +142,51 @@ impl fmt::Debug for Hello {
     }
 }
 
+/// A hello field (node id or purpose) that breaks its rules.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    /// Node id empty or too long.
+    #[error("node id must be 1 to {MAX_NODE_ID_LEN} bytes, got {len}")]
+    NodeIdLength {
+        /// Bytes given.
+        len: usize,
+    },
+    /// Node id with spaces, control or non-ASCII characters.
+    #[error("node id must be printable ASCII without spaces")]
+    NodeIdCharacters,
+    /// Purpose empty or too long.
+    #[error("purpose must be 1 to {MAX_PURPOSE_LEN} bytes, got {len}")]
+    PurposeLength {
+        /// Bytes given.
+        len: usize,
+    },
+    /// Purpose with characters outside `[a-z0-9._-]`.
+    #[error("purpose may only contain a-z, 0-9, '.', '_' and '-'")]
+    PurposeCharacters,
+}
+
 /// Check a node id: 1..=64 bytes of printable ASCII (no spaces), so it is
 /// safe to print in logs.
-pub fn check_node_id(id: &str) -> Result<(), String> {
+pub fn check_node_id(id: &str) -> Result<(), FieldError> {
     if id.is_empty() || id.len() > MAX_NODE_ID_LEN {
-        return Err(format!(
-            "node id must be 1 to {MAX_NODE_ID_LEN} bytes, got {}",
-            id.len()
-        ));
+        return Err(FieldError::NodeIdLength { len: id.len() });
     }
     if !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("node id must be printable ASCII without spaces".into());
+        return Err(FieldError::NodeIdCharacters);
     }
     Ok(())
 }
 
 /// Check a purpose string: 1..=32 bytes of `[a-z0-9._-]`.
-pub fn check_purpose(purpose: &str) -> Result<(), String> {
+pub fn check_purpose(purpose: &str) -> Result<(), FieldError> {
     if purpose.is_empty() || purpose.len() > MAX_PURPOSE_LEN {
-        return Err(format!(
-            "purpose must be 1 to {MAX_PURPOSE_LEN} bytes, got {}",
-            purpose.len()
-        ));
+        return Err(FieldError::PurposeLength { len: purpose.len() });
     }
     if !purpose
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
     {
-        return Err("purpose may only contain a-z, 0-9, '.', '_' and '-'".into());
+        return Err(FieldError::PurposeCharacters);
     }
     Ok(())
 }
@@ -177,8 +194,11 @@ pub fn check_purpose(purpose: &str) -> Result<(), String> {
 impl Hello {
     /// Serialise, prefix included. Fails if a field is out of bounds.
     pub fn encode(&self) -> Result<Vec<u8>, PeerError> {
-        check_node_id(&self.node_id).map_err(|reason| PeerError::Config { reason })?;
-        check_purpose(&self.purpose).map_err(|reason| PeerError::Config { reason })?;
+        let config = |e: FieldError| PeerError::Config {
+            reason: e.to_string(),
+        };
+        check_node_id(&self.node_id).map_err(config)?;
+        check_purpose(&self.purpose).map_err(config)?;
         let body_len =
             HELLO_FIXED + self.node_id.len() + 1 + self.purpose.len() + self.extensions.len();
         if body_len > HELLO_MAX_BODY {
@@ -238,9 +258,9 @@ impl Hello {
         let max_payload = u32::from_be_bytes([body[36], body[37], body[38], body[39]]);
         let mut pos = 40;
         let node_id = take_string(body, &mut pos, "node id")?;
-        check_node_id(&node_id).map_err(bad)?;
+        check_node_id(&node_id).map_err(|e| bad(e.to_string()))?;
         let purpose = take_string(body, &mut pos, "purpose")?;
-        check_purpose(&purpose).map_err(bad)?;
+        check_purpose(&purpose).map_err(|e| bad(e.to_string()))?;
         Ok(Hello {
             versions,
             nonce,
@@ -421,22 +441,38 @@ pub fn encode_error(code: u32, message: &str) -> Vec<u8> {
     out
 }
 
+/// An Error payload that cannot be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ErrorPayloadError {
+    /// Shorter than the code and length fields.
+    #[error("error message of {len} bytes is too short")]
+    TooShort {
+        /// Payload bytes.
+        len: usize,
+    },
+    /// The text length field disagrees with the payload (or is too long).
+    #[error("error message text length {text_len} does not match payload of {len} bytes")]
+    LengthMismatch {
+        /// Text length the payload claims.
+        text_len: usize,
+        /// Payload bytes.
+        len: usize,
+    },
+}
+
 /// Decode an Error payload. The text is made safe to log (lossy UTF-8,
 /// control characters replaced).
-pub fn decode_error(payload: &[u8]) -> Result<(u32, String), String> {
+pub fn decode_error(payload: &[u8]) -> Result<(u32, String), ErrorPayloadError> {
     if payload.len() < 6 {
-        return Err(format!(
-            "error message of {} bytes is too short",
-            payload.len()
-        ));
+        return Err(ErrorPayloadError::TooShort { len: payload.len() });
     }
     let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
     let len = usize::from(u16::from_be_bytes([payload[4], payload[5]]));
     if len > MAX_CONTROL_TEXT || payload.len() != 6 + len {
-        return Err(format!(
-            "error message text length {len} does not match payload of {} bytes",
-            payload.len()
-        ));
+        return Err(ErrorPayloadError::LengthMismatch {
+            text_len: len,
+            len: payload.len(),
+        });
     }
     Ok((code, sanitize_text(&payload[6..])))
 }

@@ -172,6 +172,19 @@ pub fn read_file_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// Number of threads of this process.
+/// Poll `cond` until it holds; panic naming `what` if it does not within
+/// `deadline` (generous: it only bounds a broken test).
+pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn thread_count() -> usize {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     s.lines()
