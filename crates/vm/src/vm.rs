@@ -188,6 +188,28 @@ impl Vm {
         self.qmp.lock()
     }
 
+    /// Pause the vCPUs (QMP `stop`).
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.qmp()
+            .stop()
+            .map_err(|source| self.qmp_error("stop", source))
+    }
+
+    /// Resume the vCPUs (QMP `cont`).
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.qmp()
+            .cont()
+            .map_err(|source| self.qmp_error("cont", source))
+    }
+
+    fn qmp_error(&self, command: &'static str, source: QmpError) -> VmError {
+        VmError::Qmp {
+            name: self.spec.name.clone(),
+            command,
+            source,
+        }
+    }
+
     /// What the VM is doing: exited (from the supervisor), else QMP's run
     /// state.
     pub fn state(&self) -> VmState {

@@ -119,12 +119,12 @@ fn boots_reports_state_and_stops_cleanly() {
     wait_serial(&vm, "GUEST-UP mode=idle");
     assert_eq!(vm.state(), VmState::Running);
 
-    vm.qmp().stop().expect("qmp stop");
+    vm.pause().expect("pause");
     let paused = VmState::Paused {
         status: "paused".to_string(),
     };
     assert_eq!(runner.status(&name).expect("status").state, paused);
-    vm.qmp().cont().expect("qmp cont");
+    vm.resume().expect("resume");
     let listed = runner.list();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].state, VmState::Running);
@@ -187,6 +187,17 @@ fn kill_9_from_outside_is_reported() {
         "{status:?}"
     );
     assert_eq!(status.exit.as_ref().and_then(|x| x.signal), Some(9));
+    let e = vm.pause().expect_err("QEMU is gone");
+    assert!(
+        matches!(
+            e,
+            VmError::Qmp {
+                command: "stop",
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(ram.exists(), "the RAM file is kept until stop");
     let exit = runner.stop(&name, &StopOptions::default()).expect("stop");
     assert_eq!(exit.signal, Some(9));
