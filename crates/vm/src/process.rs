@@ -45,7 +45,9 @@ impl std::fmt::Display for ExitInfo {
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum VmEvent {
-    /// QEMU ended, asked to or not (see [`ExitInfo::expected`]).
+    /// QEMU ended, asked to or not (see [`ExitInfo::expected`]). Also sent
+    /// when QEMU dies during a launch that then fails, so a listener may
+    /// see it for a name that was never registered.
     Exited {
         /// The VM.
         name: String,
