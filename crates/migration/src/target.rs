@@ -367,7 +367,8 @@ fn received_spec(
     {
         return Err(TargetError::Refused(
             "this node's journal for received disks uses ordered flushes, but a migration's \
-             commit needs durable ones: configure flush=durable for received disks"
+             commit needs durable ones: give received disks a durable journal (`serve \
+             --received-journal on`)"
                 .into(),
         ));
     }
