@@ -60,3 +60,32 @@ pub use store::{
     BitmapInfo, BitmapStore, DEFAULT_ARMED_SOFT_CAP, DEFAULT_INTENT_EXTENT, FaultHook, FaultPoint,
     MAX_EXTENTS_PER_QUERY, Persister, StoreError, StoreOptions, WriteGuard, WriteTicket,
 };
+
+/// The sidecar files a persistent [`BitmapStore`] keeps beside
+/// `image`: the snapshot (`IMAGE.bitmaps`), the write-intent log
+/// (`IMAGE.bitmaps-intent`) and the snapshot's temporary file
+/// (`IMAGE.bitmaps.tmp`). For callers that move or remove an image with
+/// its bitmaps; the store itself opens exactly these names.
+pub fn sidecar_paths(image: &std::path::Path) -> [std::path::PathBuf; 3] {
+    [".bitmaps", ".bitmaps-intent", ".bitmaps.tmp"].map(|suffix| {
+        let mut name = image.file_name().unwrap_or_default().to_owned();
+        name.push(suffix);
+        image.with_file_name(name)
+    })
+}
+
+#[cfg(test)]
+mod sidecar_tests {
+    #[test]
+    fn sidecar_paths_sit_beside_the_image() {
+        let p = super::sidecar_paths(std::path::Path::new("/d/vm.img"));
+        assert_eq!(
+            p.map(|p| p.display().to_string()),
+            [
+                "/d/vm.img.bitmaps",
+                "/d/vm.img.bitmaps-intent",
+                "/d/vm.img.bitmaps.tmp"
+            ]
+        );
+    }
+}

@@ -8,15 +8,25 @@
 //!  source (owner)                                   target
 //!  NBD ─▶ SwitchDisk ─▶ FilterDisk ─▶ image         PeerListener ─▶ receive() ─▶ DIR/NAME.img
 //!             │             └─ MigrationObserver ──── peer link (PSK, MAC) ───▶ write, flush, commit
-//!             └─ after commit: RemoteDisk ─────────── forwarded requests ──────▶ SwitchDisk of B
+//!             └─ after commit: Route::Forward(RemoteDisk) ── forwarded requests ─▶ SwitchDisk of B
 //! ```
+//!
+//! Both ends work on an export's layer stack as `understudy-stack` opens it
+//! (block, optional epoch journal, filter with the bitmap store, switch):
+//! the daemon opens its `--export`s with it, and the target opens received
+//! images with it (fresh, resumed, or owned after a restart; with the
+//! journal the daemon configures for received disks). [`SourceExport`] is
+//! the migration's view of such a stack ([`SourceExport::from_stack`]).
+//! The general layers it steers, [`SwitchDisk`] (hold, forward) and
+//! [`observer::RangeLock`], live in `understudy-layers` and are
+//! re-exported here.
 //!
 //! * [`wire`]: the messages, sans-I/O, bounded, with a hash per extent.
 //! * [`record`]: the ownership/generation record beside each image.
 //! * [`source`]: the migration job (bulk, iterate or mirror, switch-over,
 //!   verify) and its [`Status`].
 //! * [`target`]: the receiving service.
-//! * [`SwitchDisk`]: holds and re-routes an export's I/O.
+//! * [`observer`]: the write observer that marks or mirrors guest writes.
 //!
 //! The protocol, both state machines, the ownership rules and the failure
 //! cases are in `docs/migration.md`.
@@ -24,10 +34,10 @@
 
 pub mod conn;
 mod error;
+mod export;
 pub mod observer;
 pub mod record;
 pub mod source;
-mod switch;
 pub mod target;
 pub mod wire;
 
@@ -37,7 +47,7 @@ pub use source::{
     FaultHook, Job, MIGRATION_BITMAP, MigrateOptions, Mode, NoHooks, PURPOSE, Phase,
     RECEIVED_BITMAP, SourceExport, SourceHooks, Status, migrate, peer_bitmap_name,
 };
-pub use switch::{Hold, Route, SwitchDisk};
 pub use target::{
     CommitFault, DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService, open_existing,
 };
+pub use understudy_layers::{Hold, Route, SwitchDisk};

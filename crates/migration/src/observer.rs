@@ -16,43 +16,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::RwLock;
 use understudy_bitmap::DirtyBitmap;
 use understudy_block::BlockError;
 use understudy_filter::{ObserverError, WriteKind, WriteObserver, WriteOp, WriteToken};
+/// Moved to `understudy-layers` (replication and views share it);
+/// re-exported so this path keeps working.
+pub use understudy_layers::RangeLock;
 
 use crate::conn::Conn;
 use crate::wire::{self, Msg};
-
-/// Byte-range locks (few holders at a time: a linear scan is fine).
-#[derive(Debug, Default)]
-pub struct RangeLock {
-    held: Mutex<Vec<(u64, u64, u64)>>,
-    cv: Condvar,
-    next: AtomicU64,
-}
-
-impl RangeLock {
-    /// Lock `[offset, offset + len)`; returns the id to unlock with.
-    pub fn lock(&self, offset: u64, len: u64) -> u64 {
-        let end = offset.saturating_add(len.max(1));
-        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut h = self.held.lock();
-        while h.iter().any(|&(s, e, _)| s < end && offset < e) {
-            self.cv.wait(&mut h);
-        }
-        h.push((offset, end, id));
-        id
-    }
-
-    /// Unlock.
-    pub fn unlock(&self, id: u64) {
-        let mut h = self.held.lock();
-        h.retain(|&(_, _, i)| i != id);
-        drop(h);
-        self.cv.notify_all();
-    }
-}
 
 /// See the module docs.
 #[derive(Debug)]

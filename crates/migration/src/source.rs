@@ -19,13 +19,13 @@ use serde::{Deserialize, Serialize};
 use understudy_bitmap::{BitmapStore, DEFAULT_GRANULARITY, DirtyBitmap, StoreError, Taken};
 use understudy_block::{Disk, ExtentKind, Format};
 use understudy_filter::{FilterDisk, WriteObserver};
+use understudy_layers::{Route, SwitchDisk};
 use understudy_peer::{Link, PeerConfig, PeerError};
 
 use crate::conn::{Conn, RemoteDisk};
 use crate::error::MigrationError;
 use crate::observer::MigrationObserver;
 use crate::record::{self, Outgoing, OwnerState, PeerRecord};
-use crate::switch::{Route, SwitchDisk};
 use crate::wire::{self, Hello, MAX_VERSION, MIN_VERSION, Msg, Start};
 
 /// Name of the persistent bitmap of blocks the target may lack.
@@ -144,6 +144,8 @@ pub struct SourceExport {
     pub filter: Arc<FilterDisk>,
     /// The image's bitmap store.
     pub store: Arc<BitmapStore>,
+    /// The epoch journal between the filter and the image, if any.
+    pub journal: Option<Arc<understudy_journal::EpochDisk>>,
 }
 
 /// Phase of a migration.

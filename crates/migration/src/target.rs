@@ -17,17 +17,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
-use understudy_bitmap::{BitmapStore, Persister, StoreOptions};
+use understudy_bitmap::{Persister, StoreOptions};
 use understudy_block::{
-    BlockError, Disk, DiskRead, DiskSize, DiskWrite, ErrorKind, Format, OpenOptions, WriteOpts,
-    ZeroOpts, open_disk, qcow2::Qcow2Disk, raw::RawDisk,
+    BlockError, Disk, DiskRead, DiskSize, DiskWrite, ErrorKind, Format, WriteOpts, ZeroOpts,
 };
-use understudy_filter::FilterDisk;
+use understudy_journal::{FlushPolicy, JournalConfig};
+use understudy_layers::Route;
 use understudy_peer::{Link, PeerConfig, PeerError, PeerListener};
+use understudy_stack::{ExportStack, ImageSource, StackError, StackSpec};
 
 use crate::record::{self, OwnerRecord, OwnerState, PeerRecord};
 use crate::source::{PURPOSE, RECEIVED_BITMAP, SourceExport, peer_bitmap_name};
-use crate::switch::{Route, SwitchDisk};
 use crate::wire::{self, Msg, Start, Welcome, code, flags};
 
 /// Wraps a freshly opened target disk (tests inject faults with it).
@@ -45,6 +45,11 @@ pub struct TargetConfig {
     /// How often the bitmaps of served received images are persisted.
     /// Default: 5 s.
     pub persist_interval: std::time::Duration,
+    /// The epoch journal (`NAME.img.journal`) received images get, as
+    /// `serve --export ...,journal=on` gives one. Its policy must be
+    /// [`FlushPolicy::Durable`]: the commit relies on a flush being
+    /// durable. Default: none (as an export without `journal=on`).
+    pub journal: Option<JournalConfig>,
     /// Fault injection for tests. Default: none.
     pub disk_wrapper: Option<DiskWrapper>,
     /// Fault injection for tests: the next `Commit` meets this fault (it
@@ -79,6 +84,7 @@ impl TargetConfig {
             peer,
             store: StoreOptions::default(),
             persist_interval: std::time::Duration::from_secs(5),
+            journal: None,
             disk_wrapper: None,
             commit_fault: None,
         }
@@ -216,6 +222,13 @@ pub enum TargetError {
     /// The source aborted.
     #[error("the source aborted: {0}")]
     Aborted(String),
+    /// Opening the received image's layers failed.
+    #[error("cannot open the layers of a received image")]
+    Stack {
+        /// Cause.
+        #[source]
+        source: StackError,
+    },
 }
 
 fn valid_name(n: &str) -> bool {
@@ -338,6 +351,37 @@ fn block_msg(e: &BlockError) -> String {
     s
 }
 
+/// The stack of a received image: the daemon's settings for received
+/// exports (bitmap store options, persist interval, journal, test hook).
+fn received_spec(
+    path: &std::path::Path,
+    name: &str,
+    format: Option<Format>,
+    source: ImageSource,
+    cfg: &TargetConfig,
+) -> Result<StackSpec, TargetError> {
+    if let Some(JournalConfig {
+        policy: FlushPolicy::Ordered { .. },
+        ..
+    }) = &cfg.journal
+    {
+        return Err(TargetError::Refused(
+            "this node's journal for received disks uses ordered flushes, but a migration's \
+             commit needs durable ones: give received disks a durable journal (`serve \
+             --received-journal on`)"
+                .into(),
+        ));
+    }
+    let mut spec = StackSpec::new(name, path);
+    spec.format = format;
+    spec.source = source;
+    spec.journal = cfg.journal.clone();
+    spec.store = cfg.store.clone();
+    spec.persist_interval = cfg.persist_interval;
+    spec.block_wrapper = cfg.disk_wrapper.clone();
+    Ok(spec)
+}
+
 fn open_image(
     path: &std::path::Path,
     format: Format,
@@ -346,94 +390,37 @@ fn open_image(
     cfg: &TargetConfig,
     name: &str,
 ) -> Result<(SourceExport, Persister), TargetError> {
-    let img_err = |source| TargetError::Image {
-        path: path.to_owned(),
-        source,
-    };
-    let inner: Arc<dyn Disk> = if create {
-        // Remove a stale partial attempt and its sidecars first.
-        for suffix in ["", ".bitmaps", ".bitmaps-intent", ".bitmaps.tmp"] {
-            let mut p = path.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::remove_file(PathBuf::from(p));
-        }
-        match format {
-            Format::Raw => Arc::new(RawDisk::create(path, size).map_err(img_err)?),
-            Format::Qcow2 => Arc::new(Qcow2Disk::create(path, size, None).map_err(img_err)?),
-        }
+    // A fresh receive removes a stale partial attempt and its sidecars
+    // first (the stack knows which files those are).
+    let source = if create {
+        ImageSource::Create { size }
     } else {
-        open_disk(&OpenOptions {
-            path: path.to_owned(),
-            format: Some(format),
-            read_only: false,
-        })
-        .map_err(img_err)?
+        ImageSource::Existing { size: Some(size) }
     };
-    if inner.size() != size {
-        return Err(TargetError::Refused(format!(
-            "{} has {} bytes but the source disk has {size}",
-            path.display(),
-            inner.size()
-        )));
-    }
-    let inner = match &cfg.disk_wrapper {
-        Some(w) => w(inner),
-        None => inner,
-    };
-    let store =
-        BitmapStore::open(path, size, cfg.store.clone()).map_err(|e| TargetError::Image {
-            path: path.to_owned(),
-            source: BlockError::Backend {
-                op: "open bitmaps",
-                reason: crate::source::error_chain(&e),
-            },
-        })?;
-    let store = Arc::new(store);
-    let persister =
-        store
-            .spawn_persister(cfg.persist_interval)
-            .map_err(|e| TargetError::Image {
-                path: path.to_owned(),
-                source: BlockError::Backend {
-                    op: "start the bitmap persister",
-                    reason: e.to_string(),
-                },
-            })?;
-    let filter = Arc::new(FilterDisk::new(inner, store.clone()));
-    let switch = Arc::new(SwitchDisk::new(filter.clone()));
-    Ok((
-        SourceExport {
-            name: name.to_owned(),
-            image: path.to_owned(),
-            format,
-            switch,
-            filter,
-            store,
-        },
-        persister,
-    ))
+    let spec = received_spec(path, name, Some(format), source, cfg)?;
+    let stack = ExportStack::open_writable(&spec).map_err(|e| match e {
+        StackError::SizeMismatch { path, actual, .. } => TargetError::Refused(format!(
+            "{} has {actual} bytes but the source disk has {size}",
+            path.display()
+        )),
+        source => TargetError::Stack { source },
+    })?;
+    Ok(SourceExport::from_stack(stack))
 }
 
 /// Open a received image that this node owns (after a restart), ready to
-/// serve: its block filter, bitmap store (persister running) and switch.
+/// serve: its block filter, bitmap store (persister running), journal when
+/// the daemon gives received images one, and switch.
 pub fn open_existing(
     path: &std::path::Path,
     name: &str,
     cfg: &TargetConfig,
 ) -> Result<(SourceExport, Persister), TargetError> {
-    let img_err = |source| TargetError::Image {
-        path: path.to_owned(),
-        source,
-    };
-    let format = understudy_block::detect_format(path).map_err(img_err)?;
-    let size = open_disk(&OpenOptions {
-        path: path.to_owned(),
-        format: Some(format),
-        read_only: true,
-    })
-    .map_err(img_err)?
-    .size();
-    open_image(path, format, size, false, cfg, name)
+    let source = ImageSource::Existing { size: None };
+    let spec = received_spec(path, name, None, source, cfg)?;
+    let stack =
+        ExportStack::open_writable(&spec).map_err(|source| TargetError::Stack { source })?;
+    Ok(SourceExport::from_stack(stack))
 }
 
 /// Run one incoming migration session on `link`.

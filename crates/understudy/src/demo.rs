@@ -40,10 +40,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let image = args.dir.join("demo.raw");
-    for suffix in [".bitmaps", ".bitmaps-intent"] {
-        let mut p = image.clone().into_os_string();
-        p.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(p));
+    for p in understudy_stack::sidecars(&image) {
+        let _ = std::fs::remove_file(p);
     }
     understudy_block::raw::RawDisk::create(&image, size)?;
     println!(

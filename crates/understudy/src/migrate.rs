@@ -21,12 +21,10 @@ use clap::Args;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
-use understudy_bitmap::{BitmapStore, Persister};
-use understudy_block::Format;
-use understudy_filter::FilterDisk;
+use understudy_bitmap::Persister;
 use understudy_migration::{
-    Job, MigrateOptions, Mode, Phase, Route, SourceExport, SourceHooks, Status, SwitchDisk,
-    TargetConfig, TargetHooks, TargetService, record,
+    Job, MigrateOptions, Mode, Phase, Route, SourceExport, SourceHooks, Status, TargetConfig,
+    TargetHooks, TargetService, record,
 };
 use understudy_nbd_server::{Export, Server};
 use understudy_peer::{PeerConfig, PeerKey};
@@ -52,6 +50,16 @@ pub struct MigrationArgs {
     /// differ between nodes. Default: hostname plus a hash of --control.
     #[arg(long)]
     pub node_id: Option<String>,
+    /// The epoch journal of received disks (NAME.img.journal): off, on,
+    /// or on,journal-size=SIZE,in-place-min=SIZE. Their FLUSH is always
+    /// durable: the migration's commit relies on it.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        default_value = "off",
+        requires = "accept_migrations"
+    )]
+    pub received_journal: crate::spec::ReceivedJournal,
 }
 
 /// Refuse to serve an image that was handed over (or is in doubt, or
@@ -74,27 +82,6 @@ pub fn servable_or_in_doubt(image: &Path) -> Result<Option<String>> {
                 .map(|()| None)
                 .map_err(|e| anyhow::anyhow!(e)),
         },
-    }
-}
-
-/// Wrap a writable export's filter in the migration switch.
-pub fn wrap_export(
-    name: &str,
-    image: &Path,
-    format: Option<Format>,
-    filter: Arc<FilterDisk>,
-    store: &Arc<BitmapStore>,
-) -> SourceExport {
-    let format = format
-        .or_else(|| understudy_block::detect_format(image).ok())
-        .unwrap_or(Format::Raw);
-    SourceExport {
-        name: name.to_owned(),
-        image: image.to_owned(),
-        format,
-        switch: Arc::new(SwitchDisk::new(filter.clone())),
-        filter,
-        store: store.clone(),
     }
 }
 
@@ -144,10 +131,13 @@ impl TargetHooks for Manager {
     }
 
     fn serve(&self, export: SourceExport, persister: Option<Persister>) {
-        self.nbd.exports().insert(
-            Export::new(export.name.clone(), export.switch.clone())
-                .with_description(format!("understudy export of {}", export.image.display())),
-        );
+        let mut e = Export::new(export.name.clone(), export.switch.clone())
+            .with_description(format!("understudy export of {}", export.image.display()));
+        if let Some(j) = &export.journal {
+            // As a journaled --export: received disks flush durably.
+            e = e.with_ordering(Arc::new(crate::serve::JournalSync(j.clone(), true)));
+        }
+        self.nbd.exports().insert(e);
         if let Some(p) = persister {
             self.persisters.lock().push(p);
             self.received.lock().push(export.name.clone());
@@ -190,7 +180,11 @@ impl Manager {
             None => None,
         };
         let target_cfg = match (&args.accept_migrations, &peer) {
-            (Some(dir), Some(p)) => Some(TargetConfig::new(dir.clone(), p.clone())),
+            (Some(dir), Some(p)) => {
+                let mut cfg = TargetConfig::new(dir.clone(), p.clone());
+                cfg.journal = args.received_journal.0.as_ref().map(|j| j.config());
+                Some(cfg)
+            }
             (Some(_), None) => bail!(
                 "--accept-migrations needs --peer-key FILE (the same key file as the sending server)"
             ),
@@ -290,6 +284,12 @@ impl Manager {
                 use understudy_block::DiskWrite;
                 if let Err(err) = e.filter.flush() {
                     tracing::error!(export = %name, "final flush failed: {err}");
+                }
+                // Every epoch durable and applied before the bitmaps close.
+                if let Some(j) = &e.journal
+                    && let Err(err) = j.stop()
+                {
+                    tracing::error!(export = %name, "closing the journal failed: {err}");
                 }
                 if let Err(err) = e.store.close() {
                     tracing::error!(export = %name, "persisting bitmaps failed: {err}");

@@ -18,10 +18,11 @@ use clap::Args;
 use parking_lot::Mutex;
 use serde_json::json;
 use understudy_bitmap::{BitmapStore, StoreError, StoreOptions};
-use understudy_block::{Disk, OpenOptions, open_disk};
-use understudy_filter::FilterDisk;
-use understudy_journal::{EpochDisk, FlushPolicy, JournalConfig};
+use understudy_block::Disk;
+use understudy_journal::EpochDisk;
+use understudy_migration::SourceExport;
 use understudy_nbd_server::{DirtyMapSource, Export, OrderSupport, Server, ServerConfig};
+use understudy_stack::{BitmapRequest, ExportStack, Opened, StackSpec};
 
 use crate::control::proto::{
     BitmapEntry, BitmapParams, CONTROL_VERSION, DirtyRun, ExportEntry, JournalEntry, Request,
@@ -101,9 +102,10 @@ struct ExportState {
 }
 
 /// Durability for `NBD_CMD_ORDER` with FUA (and for FLUSH on connections
-/// that negotiated ordering), whatever the flush policy.
+/// that negotiated ordering), whatever the flush policy. The flag: FLUSH
+/// is durable (`flush=durable`).
 #[derive(Debug)]
-struct JournalSync(Arc<EpochDisk>, bool);
+pub(crate) struct JournalSync(pub(crate) Arc<EpochDisk>, pub(crate) bool);
 
 impl OrderSupport for JournalSync {
     fn sync_epoch(&self, epoch: understudy_block::Epoch) -> understudy_block::Result<()> {
@@ -112,51 +114,6 @@ impl OrderSupport for JournalSync {
     fn flush_is_durable(&self) -> bool {
         self.1
     }
-}
-
-/// Open (and recover) the epoch journal beside the image when the spec
-/// asks for one.
-fn open_journal(spec: &ExportSpec, inner: &Arc<dyn Disk>) -> Result<Option<Arc<EpochDisk>>> {
-    let Some(j) = &spec.journal else {
-        return Ok(None);
-    };
-    let path = EpochDisk::journal_path(&spec.path);
-    let policy = match j.flush {
-        FlushMode::Durable => FlushPolicy::Durable,
-        FlushMode::Ordered(interval) => FlushPolicy::Ordered { interval },
-    };
-    let cfg = JournalConfig {
-        capacity: j.size,
-        policy,
-        in_place_min: j.in_place_min,
-    };
-    let (disk, report) = EpochDisk::open_path(inner.clone(), &path, cfg).with_context(|| {
-        format!(
-            "opening the journal {} of export {:?}",
-            path.display(),
-            spec.name
-        )
-    })?;
-    if report.dropped_records > 0 {
-        tracing::warn!(
-            export = %spec.name,
-            replayed_epochs = report.replayed_epochs,
-            dropped_records = report.dropped_records,
-            last_epoch = report.last_epoch,
-            "journal recovery dropped the writes of incomplete epochs (never flushed or ordered before the crash); the image holds every epoch up to last_epoch"
-        );
-    } else {
-        tracing::info!(
-            export = %spec.name,
-            found_journal = report.found_journal,
-            replayed_epochs = report.replayed_epochs,
-            replayed_records = report.replayed_records,
-            last_epoch = report.last_epoch,
-            flush = ?j.flush,
-            "epoch journal open"
-        );
-    }
-    Ok(Some(Arc::new(disk)))
 }
 
 /// Offers a bitmap store's bitmaps as `qemu:dirty-bitmap:NAME` contexts.
@@ -193,96 +150,51 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
-    if !spec.path.exists() {
-        bail!(
-            "image {} does not exist: create it first (e.g. `qemu-img create -f raw {} 1G`)",
-            spec.path.display(),
-            spec.path.display()
-        );
-    }
+/// The layer stack `spec` asks for, with the daemon's bitmap settings.
+fn stack_spec(spec: &ExportSpec, args: &ServeArgs, intent_extent_size: u64) -> StackSpec {
+    let mut s = StackSpec::new(spec.name.clone(), spec.path.clone());
+    s.format = spec.format;
+    s.read_only = spec.read_only;
+    s.bitmaps = spec
+        .bitmaps
+        .iter()
+        .map(|b| BitmapRequest {
+            name: b.name.clone(),
+            granularity: b.granularity,
+        })
+        .collect();
+    s.journal = spec.journal.as_ref().map(|j| j.config());
+    s.store = StoreOptions {
+        intent_extent_size,
+        ..StoreOptions::default()
+    };
+    s.persist_interval = args.persist_interval;
+    s
+}
+
+/// Open one export whose `stack` spec was validated (with every other
+/// export's) before any image was opened.
+fn open_export(spec: &ExportSpec, stack: &StackSpec) -> Result<ExportState> {
     let in_doubt = if spec.read_only {
         crate::migrate::check_servable(&spec.path).map(|()| None)
     } else {
         crate::migrate::servable_or_in_doubt(&spec.path)
     }
     .with_context(|| format!("export {:?}", spec.name))?;
-    let inner = open_disk(&OpenOptions {
-        path: spec.path.clone(),
-        format: spec.format,
-        read_only: spec.read_only,
-    })
-    .with_context(|| format!("opening export {:?}", spec.name))?;
-    let info = inner.info();
-    if spec.read_only || info.read_only {
-        if spec.journal.is_some() {
-            bail!(
-                "export {:?}: the image is read-only, so journal=on/flush=ordered cannot work; make the image writable or drop those options",
-                spec.name
-            );
+    let opened = match ExportStack::open(stack)? {
+        Opened::Writable(s) => s,
+        Opened::ReadOnly(r) => {
+            return Ok(ExportState {
+                spec: spec.clone(),
+                disk: r.block,
+                store: None,
+                persister: Mutex::new(None),
+                journal: None,
+                migratable: None,
+            });
         }
-        return Ok(ExportState {
-            spec: spec.clone(),
-            disk: inner,
-            store: None,
-            persister: Mutex::new(None),
-            journal: None,
-            migratable: None,
-        });
-    }
-    let journal = open_journal(spec, &inner)?;
-    let inner: Arc<dyn Disk> = match &journal {
-        Some(j) => j.clone(),
-        None => inner,
     };
-    let intent_extent_size = parse_size(&args.intent_extent)?;
-    let store = BitmapStore::open(
-        &spec.path,
-        info.size,
-        StoreOptions {
-            intent_extent_size,
-            ..StoreOptions::default()
-        },
-    )
-    .with_context(|| {
-        format!(
-            "opening the bitmaps of {} (sidecar files next to the image)",
-            spec.path.display()
-        )
-    })?;
-    let store = Arc::new(store);
-    for b in &spec.bitmaps {
-        match store.list().into_iter().find(|i| i.name == b.name) {
-            Some(existing) if existing.granularity != b.granularity => bail!(
-                "bitmap {:?} of {} exists with granularity {} but --export asks for {}: \
-                 use the existing granularity or remove the bitmap first",
-                b.name,
-                spec.name,
-                existing.granularity,
-                b.granularity
-            ),
-            Some(existing) => {
-                if existing.recovered {
-                    tracing::warn!(
-                        export = %spec.name, bitmap = %b.name,
-                        "bitmap restored after an unclean stop; it may over-mark by up to the write-intent bound"
-                    );
-                }
-                if !existing.enabled {
-                    tracing::info!(export = %spec.name, bitmap = %b.name, "bitmap reopened disabled, as it was left");
-                }
-            }
-            None => store
-                .add(&b.name, b.granularity)
-                .with_context(|| format!("creating bitmap {:?}", b.name))?,
-        }
-    }
-    let persister = store
-        .spawn_persister(args.persist_interval)
-        .context("starting the bitmap persister thread")?;
-    let filter = Arc::new(FilterDisk::new(inner, store.clone()));
-    let migratable =
-        crate::migrate::wrap_export(&spec.name, &spec.path, spec.format, filter, &store);
+    let (migratable, persister) = SourceExport::from_stack(opened);
     if let Some(to) = in_doubt {
         // Never serve it as the owner, never refuse to start over it: I/O
         // fails until a migration to `to` asks that node who owns it.
@@ -296,30 +208,44 @@ fn open_export(spec: &ExportSpec, args: &ServeArgs) -> Result<ExportState> {
             .switch
             .set_route(understudy_migration::Route::Fail(Arc::from(msg)));
     }
-    let disk: Arc<dyn Disk> = migratable.switch.clone();
     Ok(ExportState {
         spec: spec.clone(),
-        disk,
-        store: Some(store),
+        disk: migratable.switch.clone(),
+        store: Some(migratable.store.clone()),
         persister: Mutex::new(Some(persister)),
-        journal,
+        journal: migratable.journal.clone(),
         migratable: Some(migratable),
     })
+}
+
+/// Check every export (and the daemon-wide bitmap options) before any
+/// image is opened, so a bad option never follows a journal replay.
+fn validate_exports(args: &ServeArgs) -> Result<Vec<StackSpec>> {
+    let intent_extent_size = parse_size(&args.intent_extent).context("--intent-extent")?;
+    let mut names = std::collections::HashSet::new();
+    let mut specs = Vec::new();
+    for spec in &args.exports {
+        if !names.insert(spec.name.as_str()) {
+            bail!(
+                "export name {:?} is given twice: names must be unique",
+                spec.name
+            );
+        }
+        let s = stack_spec(spec, args, intent_extent_size);
+        s.validate()?;
+        specs.push(s);
+    }
+    Ok(specs)
 }
 
 impl Daemon {
     /// Open every export and start listening. Returns once clients can
     /// connect.
     pub fn start(args: &ServeArgs) -> Result<Arc<Self>> {
+        let stacks = validate_exports(args)?;
         let mut exports = BTreeMap::new();
-        for spec in &args.exports {
-            if exports.contains_key(&spec.name) {
-                bail!(
-                    "export name {:?} is given twice: names must be unique",
-                    spec.name
-                );
-            }
-            exports.insert(spec.name.clone(), open_export(spec, args)?);
+        for (spec, stack) in args.exports.iter().zip(&stacks) {
+            exports.insert(spec.name.clone(), open_export(spec, stack)?);
         }
         let nbd = Server::new(ServerConfig {
             max_workers_per_connection: args.workers.unwrap_or_else(default_workers),
@@ -498,20 +424,8 @@ impl Daemon {
                     .into(),
                 received: false,
                 journal: st.journal.as_ref().map(|j| {
-                    let s = j.stats();
-                    let (flush, interval_ms) = match st.spec.journal.as_ref().map(|j| j.flush) {
-                        Some(FlushMode::Ordered(i)) => ("ordered", Some(i.as_millis() as u64)),
-                        _ => ("durable", None),
-                    };
-                    JournalEntry {
-                        flush: flush.into(),
-                        interval_ms,
-                        current_epoch: s.current_epoch,
-                        durable_epoch: s.durable_epoch,
-                        applied_epoch: s.applied_epoch,
-                        used: s.journal_used,
-                        capacity: s.journal_capacity,
-                    }
+                    let flush = st.spec.journal.as_ref().map(|j| j.flush);
+                    journal_entry(j, flush.unwrap_or(FlushMode::Durable))
                 }),
             })
             .collect();
@@ -529,7 +443,11 @@ impl Daemon {
                 bitmaps: bitmap_entries(&e.store),
                 serving: route_name(&e.switch).into(),
                 received: true,
-                journal: None,
+                // Received disks always flush durably (the commit needs it).
+                journal: e
+                    .journal
+                    .as_ref()
+                    .map(|j| journal_entry(j, FlushMode::Durable)),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -562,9 +480,27 @@ impl Daemon {
     }
 }
 
+fn journal_entry(j: &EpochDisk, flush: FlushMode) -> JournalEntry {
+    let s = j.stats();
+    let (flush, interval_ms) = match flush {
+        FlushMode::Ordered(i) => ("ordered", Some(i.as_millis() as u64)),
+        FlushMode::Durable => ("durable", None),
+    };
+    JournalEntry {
+        flush: flush.into(),
+        interval_ms,
+        current_epoch: s.current_epoch,
+        durable_epoch: s.durable_epoch,
+        applied_epoch: s.applied_epoch,
+        used: s.journal_used,
+        capacity: s.journal_capacity,
+    }
+}
+
 fn route_name(switch: &understudy_migration::SwitchDisk) -> &'static str {
     match switch.route() {
         understudy_migration::Route::Local => "local",
+        understudy_migration::Route::Pivot(_) => "pivoted",
         understudy_migration::Route::Forward(_) => "forwarded",
         understudy_migration::Route::Fail(_) => "failed",
     }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use understudy_block::Format;
+use understudy_journal::{FlushPolicy, JournalConfig};
 
 /// Default bitmap granularity (64 KiB), as QEMU's default for most images.
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
@@ -119,6 +120,126 @@ pub fn check_granularity(g: u64) -> Result<u64> {
     Ok(g)
 }
 
+/// The journal keys of a spec (`journal`, `flush`, `journal-size`,
+/// `in-place-min`), gathered before they are checked together.
+#[derive(Debug, Default)]
+struct JournalOptions {
+    journal: Option<bool>,
+    flush: Option<FlushMode>,
+    size: Option<u64>,
+    in_place_min: Option<u64>,
+}
+
+impl JournalOptions {
+    /// Take `k=v` if it is a journal key (`Ok(false)` if it is not).
+    fn set(&mut self, k: &str, v: Option<&str>) -> Result<bool> {
+        let Some(v) = v else { return Ok(false) };
+        match k {
+            "journal" => self.journal = Some(parse_on_off(k, v)?),
+            "flush" => {
+                self.flush = Some(match v.split_once(':') {
+                    None if v == "durable" => FlushMode::Durable,
+                    None if v == "ordered" => FlushMode::Ordered(DEFAULT_ORDER_INTERVAL),
+                    Some(("ordered", i)) => FlushMode::Ordered(parse_interval(i)?),
+                    _ => bail!("flush={v:?}: use durable, ordered or ordered:INTERVAL"),
+                })
+            }
+            "journal-size" => {
+                let n = parse_size(v)?;
+                if !(64 << 10..=64 << 30).contains(&n) || n % 512 != 0 {
+                    bail!(
+                        "journal-size={v}: use a multiple of 512 bytes from 64k to 64g (default 128M)"
+                    );
+                }
+                self.size = Some(n);
+            }
+            "in-place-min" => {
+                let n = parse_size(v)?;
+                if n == 0 {
+                    bail!(
+                        "in-place-min must be positive (e.g. 64k); leave it out to journal every write"
+                    );
+                }
+                self.in_place_min = Some(n);
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The journal asked for, if any.
+    fn finish(self) -> Result<Option<JournalSpec>> {
+        // flush=ordered needs the journal; asking for it turns the journal on.
+        let journaled = match (self.journal, self.flush) {
+            (Some(false), Some(FlushMode::Ordered(_))) => {
+                bail!("flush=ordered needs the epoch journal: drop journal=off")
+            }
+            (Some(j), _) => j,
+            (None, f) => matches!(f, Some(FlushMode::Ordered(_))),
+        };
+        if !journaled && (self.size.is_some() || self.in_place_min.is_some()) {
+            bail!("journal-size and in-place-min configure the journal: add journal=on");
+        }
+        Ok(journaled.then(|| JournalSpec {
+            flush: self.flush.unwrap_or(FlushMode::Durable),
+            size: self.size.unwrap_or(DEFAULT_JOURNAL_SIZE),
+            in_place_min: self.in_place_min,
+        }))
+    }
+}
+
+impl JournalSpec {
+    /// The journal crate's configuration for this spec.
+    pub fn config(&self) -> JournalConfig {
+        JournalConfig {
+            capacity: self.size,
+            policy: match self.flush {
+                FlushMode::Durable => FlushPolicy::Durable,
+                FlushMode::Ordered(interval) => FlushPolicy::Ordered { interval },
+            },
+            in_place_min: self.in_place_min,
+        }
+    }
+}
+
+/// `serve --received-journal`: the epoch journal of disks received by
+/// migration. `off` (the default, as an `--export` without `journal=on`),
+/// `on`, or `on,journal-size=SIZE,in-place-min=SIZE`. Their flushes stay
+/// durable (`flush=durable`): the migration's commit relies on that.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceivedJournal(pub Option<JournalSpec>);
+
+impl std::str::FromStr for ReceivedJournal {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let mut journal = JournalOptions::default();
+        for (i, part) in s.split(',').filter(|p| !p.is_empty()).enumerate() {
+            let (k, v) = match part.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None if i == 0 => ("journal", Some(part)),
+                None => (part, None),
+            };
+            if !journal.set(k, v)? {
+                bail!(
+                    "unknown --received-journal option {part:?}: use off, on, or on,journal-size=SIZE,in-place-min=SIZE"
+                );
+            }
+        }
+        let spec = journal.finish()?;
+        if let Some(JournalSpec {
+            flush: FlushMode::Ordered(_),
+            ..
+        }) = spec
+        {
+            bail!(
+                "--received-journal cannot use flush=ordered: a migration's commit needs durable flushes; drop the flush option"
+            );
+        }
+        Ok(Self(spec))
+    }
+}
+
 impl std::str::FromStr for ExportSpec {
     type Err = anyhow::Error;
 
@@ -128,15 +249,15 @@ impl std::str::FromStr for ExportSpec {
         let mut format = None;
         let mut read_only = false;
         let mut bitmaps: Vec<BitmapSpec> = Vec::new();
-        let mut journal: Option<bool> = None;
-        let mut flush: Option<FlushMode> = None;
-        let mut journal_size: Option<u64> = None;
-        let mut in_place_min: Option<u64> = None;
+        let mut journal = JournalOptions::default();
         for part in s.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = match part.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
                 None => (part, None),
             };
+            if journal.set(k, v)? {
+                continue;
+            }
             match (k, v) {
                 ("name", Some(v)) => name = Some(v.to_owned()),
                 ("path", Some(v)) => path = Some(PathBuf::from(v)),
@@ -145,33 +266,6 @@ impl std::str::FromStr for ExportSpec {
                 }
                 ("readonly" | "ro", None) => read_only = true,
                 ("readonly" | "ro", Some(v)) => read_only = parse_on_off(k, v)?,
-                ("journal", Some(v)) => journal = Some(parse_on_off(k, v)?),
-                ("flush", Some(v)) => {
-                    flush = Some(match v.split_once(':') {
-                        None if v == "durable" => FlushMode::Durable,
-                        None if v == "ordered" => FlushMode::Ordered(DEFAULT_ORDER_INTERVAL),
-                        Some(("ordered", i)) => FlushMode::Ordered(parse_interval(i)?),
-                        _ => bail!("flush={v:?}: use durable, ordered or ordered:INTERVAL"),
-                    })
-                }
-                ("journal-size", Some(v)) => {
-                    let n = parse_size(v)?;
-                    if !(64 << 10..=64 << 30).contains(&n) || n % 512 != 0 {
-                        bail!(
-                            "journal-size={v}: use a multiple of 512 bytes from 64k to 64g (default 128M)"
-                        );
-                    }
-                    journal_size = Some(n);
-                }
-                ("in-place-min", Some(v)) => {
-                    let n = parse_size(v)?;
-                    if n == 0 {
-                        bail!(
-                            "in-place-min must be positive (e.g. 64k); leave it out to journal every write"
-                        );
-                    }
-                    in_place_min = Some(n);
-                }
                 ("bitmap", Some(v)) => {
                     let (bname, gran) = match v.split_once(':') {
                         Some((n, g)) => (n, check_granularity(parse_size(g)?)?),
@@ -208,25 +302,10 @@ impl std::str::FromStr for ExportSpec {
         if read_only && !bitmaps.is_empty() {
             bail!("a readonly export cannot record writes: drop bitmap= or readonly");
         }
-        // flush=ordered needs the journal; asking for it turns the journal on.
-        let journaled = match (journal, flush) {
-            (Some(false), Some(FlushMode::Ordered(_))) => {
-                bail!("flush=ordered needs the epoch journal: drop journal=off")
-            }
-            (Some(j), _) => j,
-            (None, f) => matches!(f, Some(FlushMode::Ordered(_))),
-        };
-        if !journaled && (journal_size.is_some() || in_place_min.is_some()) {
-            bail!("journal-size and in-place-min configure the journal: add journal=on");
-        }
-        if journaled && read_only {
+        let journal = journal.finish()?;
+        if journal.is_some() && read_only {
             bail!("a readonly export has nothing to journal: drop journal/flush or readonly");
         }
-        let journal = journaled.then(|| JournalSpec {
-            flush: flush.unwrap_or(FlushMode::Durable),
-            size: journal_size.unwrap_or(DEFAULT_JOURNAL_SIZE),
-            in_place_min,
-        });
         Ok(Self {
             name,
             path,
@@ -321,6 +400,30 @@ mod tests {
                 in_place_min: Some(65536)
             }
         );
+    }
+
+    #[test]
+    fn received_journal_options() {
+        let r = |s: &str| s.parse::<ReceivedJournal>().map(|r| r.0);
+        assert_eq!(r("off").unwrap(), None);
+        let on = r("on").unwrap().unwrap();
+        assert_eq!(on.flush, FlushMode::Durable);
+        assert_eq!(on.size, DEFAULT_JOURNAL_SIZE);
+        let sized = r("on,journal-size=1M,in-place-min=64k").unwrap().unwrap();
+        assert_eq!((sized.size, sized.in_place_min), (1 << 20, Some(65536)));
+        assert_eq!(
+            sized.config().policy,
+            understudy_journal::FlushPolicy::Durable
+        );
+        for bad in [
+            "maybe",
+            "on,flush=ordered",
+            "flush=ordered:2s",
+            "on,bitmap=x",
+            "journal-size=1M",
+        ] {
+            assert!(r(bad).is_err(), "{bad} should fail");
+        }
     }
 
     #[test]

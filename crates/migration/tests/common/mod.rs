@@ -112,6 +112,7 @@ impl Node {
             switch: switch.clone(),
             filter,
             store,
+            journal: None,
         };
         self.nbd.exports().insert(Export::new(name, switch));
         self.exports.lock().insert(name.into(), e.clone());
