@@ -443,7 +443,7 @@ fn connect_qmp(
     let deadline = Instant::now() + timeout;
     loop {
         let attempt = UnixStream::connect(&paths.qmp_socket)
-            .map_err(QmpError::Io)
+            .map_err(QmpError::Socket)
             .and_then(Qmp::from_stream)
             .and_then(|mut q| q.set_timeout(command_timeout).map(|()| q));
         let err = match attempt {
