@@ -27,8 +27,39 @@ use crate::wire::{self, Msg, code, flags};
 /// Whether the session goes on after a message (`Break`: it ends).
 type Flow = std::ops::ControlFlow<()>;
 
-/// A failure to answer with: reply code and message.
-type Answer = (u32, String);
+/// A failed request, as the source is told: reply code and message.
+#[derive(Debug, Clone)]
+struct Failed {
+    code: u32,
+    message: String,
+}
+
+impl Failed {
+    fn block(e: &BlockError) -> Self {
+        Self {
+            code: reply_code(e),
+            message: block_msg(e),
+        }
+    }
+
+    fn io(e: &dyn std::error::Error) -> Self {
+        Self {
+            code: code::IO,
+            message: error_chain(e),
+        }
+    }
+}
+
+/// What makes a message break the protocol whatever the session's state.
+#[derive(Debug, thiserror::Error)]
+enum Violation {
+    #[error("extent at offset {offset} is outside the {size}-byte disk")]
+    Outside { offset: u64, size: u64 },
+    #[error("checksum mismatch in the extent at offset {offset}: data was corrupted in transit")]
+    Checksum { offset: u64 },
+    #[error("mirrored zero range at offset {offset} is outside the {size}-byte disk")]
+    ZeroOutside { offset: u64, size: u64 },
+}
 
 pub(super) struct Receiving<'a> {
     export: SourceExport,
@@ -37,7 +68,7 @@ pub(super) struct Receiving<'a> {
     /// Opened by this session (closed again if it does not commit).
     owned_here: bool,
     unflushed: Vec<(u64, u64)>,
-    sticky: Option<Answer>,
+    sticky: Option<Failed>,
     committed: bool,
     source_node: String,
     #[cfg(any(test, feature = "testing"))]
@@ -126,7 +157,7 @@ impl<'a> Receiving<'a> {
     }
 
     /// Extents whose range or hash is wrong end the session.
-    fn validate(&self, msg: &Msg<'_>) -> Result<(), String> {
+    fn validate(&self, msg: &Msg<'_>) -> Result<(), Violation> {
         let size = self.export.filter.size();
         match *msg {
             Msg::Data { offset, hash, data }
@@ -134,20 +165,14 @@ impl<'a> Receiving<'a> {
                 offset, hash, data, ..
             } => {
                 if !self.in_range(offset, data.len() as u64) {
-                    return Err(format!(
-                        "extent at offset {offset} is outside the {size}-byte disk"
-                    ));
+                    return Err(Violation::Outside { offset, size });
                 }
                 if wire::extent_hash(data) != hash {
-                    return Err(format!(
-                        "checksum mismatch in the extent at offset {offset}: data was corrupted in transit"
-                    ));
+                    return Err(Violation::Checksum { offset });
                 }
             }
             Msg::MirrorZero { offset, len, .. } if !self.in_range(offset, len) => {
-                return Err(format!(
-                    "mirrored zero range at offset {offset} is outside the {size}-byte disk"
-                ));
+                return Err(Violation::ZeroOutside { offset, size });
             }
             _ => {}
         }
@@ -160,7 +185,8 @@ impl<'a> Receiving<'a> {
         msg: Msg<'_>,
         hooks: &dyn TargetHooks,
     ) -> Result<Flow, TargetError> {
-        self.validate(&msg).map_err(|m| protocol(link, m))?;
+        self.validate(&msg)
+            .map_err(|v| protocol(link, v.to_string()))?;
         match msg {
             Msg::HashReq {
                 id,
@@ -225,7 +251,7 @@ impl Receiving<'_> {
         match r {
             Ok(()) => self.unflushed.push((offset, len)),
             Err(e) => {
-                self.sticky.get_or_insert((reply_code(&e), block_msg(&e)));
+                self.sticky.get_or_insert(Failed::block(&e));
             }
         }
     }
@@ -279,7 +305,7 @@ impl Receiving<'_> {
     ) -> Result<(), TargetError> {
         let res = match &self.sticky {
             Some(s) => Err(s.clone()),
-            None => apply(self).map_err(|e| (reply_code(&e), block_msg(&e))),
+            None => apply(self).map_err(|e| Failed::block(&e)),
         };
         if let Err(s) = &res {
             self.sticky.get_or_insert(s.clone());
@@ -289,27 +315,21 @@ impl Receiving<'_> {
 
     /// Make everything received durable, or report this session's earlier
     /// failure.
-    fn flush_received(&self) -> Result<(), Answer> {
+    fn flush_received(&self) -> Result<(), Failed> {
         if let Some(s) = &self.sticky {
             return Err(s.clone());
         }
-        self.export
-            .filter
-            .flush()
-            .map_err(|e| (reply_code(&e), block_msg(&e)))
+        self.export.filter.flush().map_err(|e| Failed::block(&e))
     }
 
-    fn flush_progress(&mut self) -> Result<(), Answer> {
+    fn flush_progress(&mut self) -> Result<(), Failed> {
         self.flush_received()?;
         if let Some(b) = self.export.store.get(RECEIVED_BITMAP) {
             for (o, l) in self.unflushed.drain(..) {
                 mark_inner(&b, o, l);
             }
         }
-        self.export
-            .store
-            .persist()
-            .map_err(|e| (code::IO, error_chain(&e)))
+        self.export.store.persist().map_err(|e| Failed::io(&e))
     }
 }
 
@@ -344,7 +364,7 @@ impl Receiving<'_> {
         Ok(Flow::Continue(()))
     }
 
-    fn commit(&mut self, generation: u64, hooks: &dyn TargetHooks) -> Result<(), Answer> {
+    fn commit(&mut self, generation: u64, hooks: &dyn TargetHooks) -> Result<(), Failed> {
         let t0 = std::time::Instant::now();
         // Data durable. (The progress bitmap is not worth a sync any more.)
         self.flush_received()?;
@@ -359,7 +379,7 @@ impl Receiving<'_> {
             bitmap: Some(peer_bm),
         });
         // The commit point: from here this node is the owner.
-        record::store(&self.export.image, &self.rec).map_err(|e| (code::IO, error_chain(&e)))?;
+        record::store(&self.export.image, &self.rec).map_err(|e| Failed::io(&e))?;
         self.committed = true;
         self.busy = None;
         self.export.switch.set_route(Route::Local);
@@ -512,15 +532,15 @@ fn reply(link: &Link, id: u64, c: u32, body: &[u8]) -> Result<(), TargetError> {
 }
 
 /// OK, or the failure's code and message.
-fn answer(link: &Link, id: u64, res: Result<(), Answer>) -> Result<(), TargetError> {
+fn answer(link: &Link, id: u64, res: Result<(), Failed>) -> Result<(), TargetError> {
     match res {
         Ok(()) => reply(link, id, code::OK, &[]),
-        Err((c, m)) => reply(link, id, c, m.as_bytes()),
+        Err(f) => reply(link, id, f.code, f.message.as_bytes()),
     }
 }
 
 fn fwd_reply(link: &Link, id: u64, res: Result<(), BlockError>) -> Result<(), TargetError> {
-    answer(link, id, res.map_err(|e| (reply_code(&e), block_msg(&e))))
+    answer(link, id, res.map_err(|e| Failed::block(&e)))
 }
 
 /// End the session for a protocol violation, telling the source why.
