@@ -203,16 +203,7 @@ impl<'a> Attempt<'a> {
             .ok_or(MigrationError::MissingBitmap {
                 name: MIGRATION_BITMAP,
             })?;
-        // What we know about the target's copy, for an incremental migration.
-        let peer_rec = rec.peer(target_node).cloned();
-        let peer_bitmap = peer_rec
-            .as_ref()
-            .and_then(|p| p.bitmap.clone())
-            .filter(|b| store.get(b).is_some());
-        let base_generation = match (&peer_rec, &peer_bitmap) {
-            (Some(p), Some(_)) => p.generation,
-            _ => 0,
-        };
+        let (peer_bitmap, base_generation) = self.base(rec, target_node);
         Ok(Claim {
             migration_id,
             owning,
@@ -221,6 +212,22 @@ impl<'a> Attempt<'a> {
             peer_bitmap,
             base_generation,
         })
+    }
+
+    /// What we know about the target's copy, for an incremental migration:
+    /// the bitmap of what changed here since, and the generation it was
+    /// identical at (0: nothing known).
+    fn base(&self, rec: &OwnerRecord, target_node: &str) -> (Option<String>, u64) {
+        let store = &self.export.store;
+        let peer_rec = rec.peer(target_node);
+        let peer_bitmap = peer_rec
+            .and_then(|p| p.bitmap.clone())
+            .filter(|b| store.get(b).is_some());
+        let base_generation = match (peer_rec, &peer_bitmap) {
+            (Some(p), Some(_)) => p.generation,
+            _ => 0,
+        };
+        (peer_bitmap, base_generation)
     }
 
     fn hello(&self, rec: &OwnerRecord, claim: &Claim) -> Hello {
