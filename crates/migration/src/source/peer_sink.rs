@@ -112,3 +112,37 @@ impl From<CopyError<MigrationError>> for MigrationError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_errors_keep_the_migration_meaning() {
+        let sink_err = CopyError::Sink {
+            source: MigrationError::Recv {
+                source: PeerError::Disconnected,
+            },
+        };
+        let e = MigrationError::from(sink_err);
+        assert!(matches!(e, MigrationError::Recv { .. }) && e.is_retryable());
+        let e = MigrationError::from(CopyError::<MigrationError>::Cancelled);
+        assert!(matches!(e, MigrationError::Cancelled));
+        let e = MigrationError::from(CopyError::<MigrationError>::HashCount {
+            expected: 3,
+            got: 2,
+        });
+        assert!(e.to_string().contains("asked for 3 hashes, got 2"), "{e}");
+        let take = CopyError::<MigrationError>::Take {
+            source: understudy_bitmap::BitmapError::TakeOutstanding,
+        };
+        let e = MigrationError::from(take);
+        assert!(!e.to_string().contains("protocol"), "a local failure: {e}");
+    }
+
+    #[test]
+    fn an_unknown_mode_says_what_to_use() {
+        let e = "fast".parse::<crate::Mode>().expect_err("not a mode");
+        assert!(e.to_string().contains("precopy or mirror"), "{e}");
+    }
+}
