@@ -18,7 +18,9 @@ use understudy_peer::{LinkReceiver, LinkSender, PeerError};
 use crate::error::MigrationError;
 use crate::wire::{self, Msg, code, flags};
 
-type ReplyTx = mpsc::SyncSender<Result<(u32, Vec<u8>), String>>;
+/// Carries a reply, or `None` when the link died (the reason is in
+/// `why_dead`).
+type ReplyTx = mpsc::SyncSender<Option<(u32, Vec<u8>)>>;
 
 /// A link to the target, shared by every sender.
 pub struct Conn {
@@ -73,7 +75,7 @@ impl Conn {
                     match Msg::decode(t, &buf) {
                         Ok(Msg::Reply { id, code, body }) => {
                             if let Some(w) = conn.pending.lock().remove(&id) {
-                                let _ = w.send(Ok((code, body.to_vec())));
+                                let _ = w.send(Some((code, body.to_vec())));
                             }
                         }
                         Ok(other) => {
@@ -91,10 +93,10 @@ impl Conn {
 
     fn kill(&self, why: String) {
         tracing::debug!(%why, "migration link closed");
-        self.why_dead.lock().get_or_insert(why.clone());
+        self.why_dead.lock().get_or_insert(why);
         self.dead.store(true, Ordering::SeqCst);
         for (_, w) in self.pending.lock().drain() {
-            let _ = w.send(Err(why.clone()));
+            let _ = w.send(None);
         }
     }
 
@@ -176,16 +178,13 @@ impl Conn {
             return Err(e);
         }
         match wrx.recv() {
-            Ok(Ok((code::OK, body))) => Ok(body),
-            Ok(Ok((c, body))) => Err(MigrationError::Target {
+            Ok(Some((code::OK, body))) => Ok(body),
+            Ok(Some((c, body))) => Err(MigrationError::Target {
                 op,
                 code: c,
                 message: wire::sanitize(&body),
             }),
-            Ok(Err(why)) => Err(MigrationError::Recv {
-                source: PeerError::Protocol { reason: why },
-            }),
-            Err(_) => Err(self.dead_error()),
+            Ok(None) | Err(_) => Err(self.dead_error()),
         }
     }
 

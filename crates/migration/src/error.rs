@@ -3,10 +3,13 @@
 use std::io;
 use std::path::PathBuf;
 
-use understudy_bitmap::StoreError;
+use understudy_bitmap::{BitmapError, StoreError};
 use understudy_block::BlockError;
 use understudy_peer::PeerError;
 
+use understudy_durable::ReplaceError;
+
+use crate::record::DecodeError;
 use crate::wire::WireError;
 
 /// Errors of the ownership record.
@@ -28,18 +31,19 @@ pub enum RecordError {
         path: PathBuf,
         /// Cause.
         #[source]
-        source: io::Error,
+        source: ReplaceError,
     },
     /// The record is damaged.
     #[error(
-        "the ownership record {path} is damaged ({reason}): restore it from the other host's \
-         copy of the disk or, if this copy is known to be the only one, delete it"
+        "the ownership record {path} is damaged: restore it from the other host's copy of the \
+         disk or, if this copy is known to be the only one, delete it"
     )]
     Corrupt {
         /// Record path.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        #[source]
+        source: DecodeError,
     },
     /// The image was handed over to another host.
     #[error(
@@ -79,6 +83,14 @@ pub enum RecordError {
         /// Source node.
         from: String,
     },
+}
+
+/// A `--mode` that is neither `precopy` nor `mirror`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown mode {given:?}: use precopy or mirror")]
+pub struct ParseModeError {
+    /// What was given.
+    pub given: String,
 }
 
 /// Errors of a migration, on the source side.
@@ -156,12 +168,49 @@ pub enum MigrationError {
         #[source]
         source: BlockError,
     },
-    /// The migration bitmap could not be set up.
-    #[error("cannot set up the migration bitmap")]
+    /// A persistent bitmap of the export could not be changed.
+    #[error("cannot {op} the bitmap {name} of the export; the source keeps serving")]
     Bitmap {
+        /// What was done to it (add, remove, enable, take).
+        op: &'static str,
+        /// The bitmap.
+        name: String,
         /// Cause.
         #[source]
         source: StoreError,
+    },
+    /// The migration bitmap was missing right after it was set up.
+    #[error("the bitmap {name} vanished while the migration set it up: retry the migration")]
+    MissingBitmap {
+        /// The bitmap.
+        name: &'static str,
+    },
+    /// The session's in-memory bitmap of blocks the target lacks failed.
+    #[error("cannot {op} the in-memory bitmap of blocks the target lacks; retry the migration")]
+    PendingBitmap {
+        /// What was done to it (create, merge, take).
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: BitmapError,
+    },
+    /// A thread of the migration could not be started.
+    #[error("cannot start the {thread} thread: the system is short of resources; retry later")]
+    Spawn {
+        /// Which thread.
+        thread: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A thread of the migration panicked.
+    #[error(
+        "the {thread} thread panicked, which is a bug: report it with the log; the source keeps \
+         serving unless the switch-over had begun"
+    )]
+    Panicked {
+        /// Which thread.
+        thread: &'static str,
     },
     /// The ownership record could not be updated.
     #[error("cannot update the ownership record")]
@@ -209,6 +258,7 @@ impl MigrationError {
             MigrationError::Send { .. }
             | MigrationError::Recv { .. }
             | MigrationError::DrainTimeout { .. }
+            | MigrationError::Spawn { .. }
             | MigrationError::InDoubt { .. }
             | MigrationError::Cancelled => true,
             MigrationError::Target { code, .. } => *code == crate::wire::code::NO_SPACE,

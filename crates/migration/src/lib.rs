@@ -19,14 +19,20 @@
 //! the migration's view of such a stack ([`SourceExport::from_stack`]).
 //! The general layers it steers, [`SwitchDisk`] (hold, forward) and
 //! [`observer::RangeLock`], live in `understudy-layers` and are
-//! re-exported here.
+//! re-exported here. The copying itself (bulk, dirty rounds, throttle,
+//! hash resync, verify) is `understudy-copy`'s engine driven into a
+//! [`source::PeerSink`].
 //!
 //! * [`wire`]: the messages, sans-I/O, bounded, with a hash per extent.
 //! * [`record`]: the ownership/generation record beside each image.
 //! * [`source`]: the migration job (bulk, iterate or mirror, switch-over,
-//!   verify) and its [`Status`].
+//!   verify) and its [`Status`]; the copying itself is `understudy-copy`'s
+//!   engine driven into a [`PeerSink`].
 //! * [`target`]: the receiving service.
 //! * [`observer`]: the write observer that marks or mirrors guest writes.
+//!
+//! Fault injection for tests (`MigrateOptions::fault_hook`,
+//! `TargetConfig::commit_fault`) exists only with the `testing` feature.
 //!
 //! The protocol, both state machines, the ownership rules and the failure
 //! cases are in `docs/migration.md`.
@@ -42,12 +48,16 @@ pub mod target;
 pub mod wire;
 
 pub use conn::{Conn, RemoteDisk};
-pub use error::{MigrationError, RecordError};
+pub use error::{MigrationError, ParseModeError, RecordError};
+#[cfg(any(test, feature = "testing"))]
+pub use source::FaultHook;
 pub use source::{
-    FaultHook, Job, MIGRATION_BITMAP, MigrateOptions, Mode, NoHooks, PURPOSE, Phase,
-    RECEIVED_BITMAP, SourceExport, SourceHooks, Status, migrate, peer_bitmap_name,
+    Job, MIGRATION_BITMAP, MigrateOptions, Mode, NoHooks, PURPOSE, PeerSink, Phase,
+    RECEIVED_BITMAP, Reporter, SourceExport, SourceHooks, Status, migrate, peer_bitmap_name,
 };
+#[cfg(any(test, feature = "testing"))]
+pub use target::CommitFault;
 pub use target::{
-    CommitFault, DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService, open_existing,
+    DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService, open_existing,
 };
 pub use understudy_layers::{Hold, Route, SwitchDisk};

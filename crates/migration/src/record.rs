@@ -17,8 +17,8 @@
 //! source that crashes between the two finds `Handing` and refuses to serve
 //! until the operator has checked the target.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -180,26 +180,65 @@ pub fn encode(r: &OwnerRecord) -> Vec<u8> {
     out
 }
 
+/// Why record bytes could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// No newline ends the header.
+    #[error("no header line")]
+    NoHeader,
+    /// The header is not UTF-8.
+    #[error("header is not text")]
+    HeaderNotText,
+    /// The header is not `MAGIC CRC`.
+    #[error("malformed header")]
+    MalformedHeader,
+    /// Another format (or version).
+    #[error("unknown magic {found:?} (this build reads {MAGIC})")]
+    Magic {
+        /// The magic found.
+        found: String,
+    },
+    /// The checksum is not 8 hex digits.
+    #[error("malformed checksum")]
+    MalformedChecksum,
+    /// The body does not match its checksum.
+    #[error("checksum mismatch (torn or edited file)")]
+    Checksum,
+    /// The body is not a record.
+    #[error("malformed JSON")]
+    Json {
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The file is larger than any record.
+    #[error("larger than {max} bytes")]
+    TooLarge {
+        /// The cap.
+        max: u64,
+    },
+}
+
 /// Decode file bytes, checking magic and CRC.
-pub fn decode(bytes: &[u8]) -> Result<OwnerRecord, String> {
+pub fn decode(bytes: &[u8]) -> Result<OwnerRecord, DecodeError> {
     let nl = bytes
         .iter()
         .position(|&b| b == b'\n')
-        .ok_or("no header line")?;
-    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not text")?;
-    let (magic, crc) = header.split_once(' ').ok_or("malformed header")?;
+        .ok_or(DecodeError::NoHeader)?;
+    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| DecodeError::HeaderNotText)?;
+    let (magic, crc) = header.split_once(' ').ok_or(DecodeError::MalformedHeader)?;
     if magic != MAGIC {
-        return Err(format!(
-            "unknown magic {magic:?} (this build reads {MAGIC})"
-        ));
+        return Err(DecodeError::Magic {
+            found: magic.into(),
+        });
     }
-    let crc = u32::from_str_radix(crc, 16).map_err(|_| "malformed checksum")?;
+    let crc = u32::from_str_radix(crc, 16).map_err(|_| DecodeError::MalformedChecksum)?;
     let body = &bytes[nl + 1..];
     let body = body.strip_suffix(b"\n").unwrap_or(body);
     if crc32c::crc32c(body) != crc {
-        return Err("checksum mismatch (torn or edited file)".into());
+        return Err(DecodeError::Checksum);
     }
-    serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))
+    serde_json::from_slice(body).map_err(|source| DecodeError::Json { source })
 }
 
 /// Read the record of `image`; `None` if there is none.
@@ -220,40 +259,22 @@ pub fn load(image: &Path) -> Result<Option<OwnerRecord>, RecordError> {
     if bytes.len() as u64 > MAX_RECORD_LEN {
         return Err(RecordError::Corrupt {
             path,
-            reason: format!("larger than {MAX_RECORD_LEN} bytes"),
+            source: DecodeError::TooLarge {
+                max: MAX_RECORD_LEN,
+            },
         });
     }
     decode(&bytes)
         .map(Some)
-        .map_err(|reason| RecordError::Corrupt { path, reason })
+        .map_err(|source| RecordError::Corrupt { path, source })
 }
 
-/// Write the record of `image` atomically and durably.
+/// Write the record of `image` atomically and durably (through
+/// `IMAGE.owner.tmp`).
 pub fn store(image: &Path, r: &OwnerRecord) -> Result<(), RecordError> {
     let path = record_path(image);
-    let mut tmp = path.clone().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let err = |source| RecordError::Write {
-        path: path.clone(),
-        source,
-    };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(&encode(r)).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(err)?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
-    Ok(())
+    understudy_durable::replace(&path, &encode(r))
+        .map_err(|source| RecordError::Write { path, source })
 }
 
 /// The record of `image`, created (as an owned disk named `name`) if absent.

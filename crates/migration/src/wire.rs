@@ -340,6 +340,17 @@ pub enum Msg<'a> {
 /// Why a payload is not a valid message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// The peer's protocol versions and ours do not overlap.
+    #[error(
+        "the source speaks migration protocol versions {min}..{max}, this target speaks \
+         {MIN_VERSION}..{MAX_VERSION}: upgrade the older side"
+    )]
+    NoCommonVersion {
+        /// The peer's lowest version.
+        min: u16,
+        /// The peer's highest version.
+        max: u16,
+    },
     /// Unknown message type.
     #[error(
         "unknown migration message type {0:#06x}: the peer speaks a newer protocol; upgrade this side"
@@ -967,14 +978,11 @@ impl fmt::Display for Start {
 }
 
 /// Pick the highest version both speak.
-pub fn negotiate(min: u16, max: u16) -> Result<u16, String> {
+pub fn negotiate(min: u16, max: u16) -> Result<u16, WireError> {
     let lo = min.max(MIN_VERSION);
     let hi = max.min(MAX_VERSION);
     if lo > hi {
-        return Err(format!(
-            "the source speaks migration protocol versions {min}..{max}, this target speaks \
-             {MIN_VERSION}..{MAX_VERSION}: upgrade the older side"
-        ));
+        return Err(WireError::NoCommonVersion { min, max });
     }
     Ok(hi)
 }

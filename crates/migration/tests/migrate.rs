@@ -81,8 +81,7 @@ fn under_writes(
 ) -> (World, Status) {
     let w = world();
     let cmds = writer_script(n as u64 * 7919 + len, n, len, sleep_ms, SIZE);
-    let writer = spawn_writer(w.a.nbd_url("vm"), cmds.clone());
-    std::thread::sleep(Duration::from_millis(150));
+    let writer = spawn_running_writer(&w.img, w.a.nbd_url("vm"), cmds.clone());
     let mut opts = w.a.opts(&w.b_addr);
     tweak(&mut opts);
     let st = run(&w.a, "vm", opts).unwrap();
@@ -183,8 +182,7 @@ fn diverged_copy_falls_back_to_hash_resync() {
 fn cut_in(phase: Phase, mode: Mode) {
     let w = world();
     let cmds = writer_script(phase as u64 + 11, 250, 64 << 10, 3, SIZE);
-    let writer = spawn_writer(w.a.nbd_url("vm"), cmds.clone());
-    std::thread::sleep(Duration::from_millis(100));
+    let writer = spawn_running_writer(&w.img, w.a.nbd_url("vm"), cmds.clone());
     let proxy = Proxy::start(&w.b_addr);
     let cutter = Arc::new(proxy.cutter());
     let bytes = proxy.bytes.clone();
@@ -297,7 +295,7 @@ fn target_restart_resumes() {
     // B's partial copy is not servable.
     let b_img = w.b.dir.join("vm.img");
     assert!(record::check_servable(&b_img).is_err());
-    std::thread::sleep(Duration::from_millis(100));
+    wait_sidecar_free(&b_img);
     let b2 = Node::start("node-b", &w.b.dir);
     let addr = b2.listen(KEY);
     let st = run(&w.a, "vm", w.a.opts(&addr)).unwrap();
@@ -493,8 +491,7 @@ fn ping_pong_under_a_forwarded_client() {
     let w = world();
     let a_addr = w.a.listen(KEY);
     let cmds = writer_script(99, 400, 64 << 10, 2, SIZE);
-    let writer = spawn_writer(w.a.nbd_url("vm"), cmds.clone());
-    std::thread::sleep(Duration::from_millis(100));
+    let writer = spawn_running_writer(&w.img, w.a.nbd_url("vm"), cmds.clone());
     let there = run(&w.a, "vm", w.a.opts(&w.b_addr)).unwrap();
     assert_eq!(there.start.as_deref(), Some("fresh"));
     let back = run(&w.b, "vm", w.b.opts(&a_addr)).unwrap();
@@ -602,15 +599,27 @@ fn mirror_mode_mirrors_write_zeroes() {
         cmds.push(format!("write -z {off} 512k"));
         cmds.push("sleep 4".into());
     }
-    let writer = spawn_writer(w.a.nbd_url("vm"), cmds.clone());
-    std::thread::sleep(Duration::from_millis(50));
+    let writer = spawn_running_writer(&w.img, w.a.nbd_url("vm"), cmds.clone());
+    // Every guest write marks this bitmap; it shows when writes happen.
+    let store = w.a.export("vm").store;
+    store.add("probe", 64 << 10).unwrap();
     let mut opts = w.a.opts(&w.b_addr);
     opts.mode = Mode::Mirror;
-    // Stay in the mirroring phase for a while, so that guest write-zeroes
-    // certainly arrive while mirroring (the hook runs on the job thread).
-    opts.fault_hook = Some(FaultHook(Arc::new(|p| {
+    // Stay in the mirroring phase until guest write-zeroes certainly
+    // arrived while mirroring (the hook runs on the job thread once
+    // mirroring is on): qemu-io writes one request at a time, so the second
+    // write seen after the hook started began after mirroring did.
+    opts.fault_hook = Some(FaultHook(Arc::new(move |p| {
         if p == Phase::Mirroring {
-            std::thread::sleep(Duration::from_millis(300));
+            for _ in 0..2 {
+                store.clear("probe").unwrap();
+                let bm = store.get("probe").unwrap();
+                let t = std::time::Instant::now();
+                // Without a write for this long the assertion below fails.
+                while bm.dirty_bytes() == 0 && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
     })));
     let st = run(&w.a, "vm", opts).unwrap();

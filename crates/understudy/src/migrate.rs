@@ -352,7 +352,11 @@ impl Manager {
                     opts.max_downtime = Duration::from_secs_f64(ms.max(0.0) / 1e3);
                 }
                 if let Some(m) = &p.mode {
-                    opts.mode = m.parse().map_err(|e: String| ("invalid", e))?;
+                    opts.mode = m
+                        .parse()
+                        .map_err(|e: understudy_migration::ParseModeError| {
+                            ("invalid", e.to_string())
+                        })?;
                 }
                 opts.bandwidth = p.bandwidth.filter(|&b| b > 0);
                 opts.verify = p.verify;

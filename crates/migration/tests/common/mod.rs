@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use understudy_bitmap::{BitmapStore, Persister, StoreOptions};
@@ -352,6 +352,76 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Poll `cond` until it holds; fail the test with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `N`, `Nk` or `Nm` bytes, as qemu-io reads them.
+fn qemu_size(s: &str) -> u64 {
+    let (n, mul) = match s.as_bytes().last() {
+        Some(b'k' | b'K') => (&s[..s.len() - 1], 1 << 10),
+        Some(b'm' | b'M') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    n.parse::<u64>().unwrap() * mul
+}
+
+fn region(image: &Path, off: u64, len: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; len as usize];
+    std::fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap();
+    buf
+}
+
+/// Spawn qemu-io running `cmds` against `url` (which serves the raw
+/// `image`), and return once its first command, a write, has changed the
+/// image: the writer is running.
+pub fn spawn_running_writer(
+    image: &Path,
+    url: String,
+    cmds: Vec<String>,
+) -> std::thread::JoinHandle<String> {
+    let first: Vec<&str> = cmds[0].split_whitespace().collect();
+    assert_eq!(first[0], "write", "the script must start with a write");
+    let off = qemu_size(first[first.len() - 2]);
+    let len = qemu_size(first[first.len() - 1]);
+    let before = region(image, off, len);
+    let writer = spawn_writer(url, cmds);
+    wait_until(
+        "the writer's first write is visible in the image",
+        Duration::from_secs(30),
+        || region(image, off, len) != before || writer.is_finished(),
+    );
+    writer
+}
+
+/// Wait until nothing holds the bitmap sidecar of `image` any more (the
+/// session that had it open has ended).
+pub fn wait_sidecar_free(image: &Path) {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".bitmaps-intent");
+    let p = PathBuf::from(p);
+    wait_until(
+        "the old session released the image's bitmap sidecar",
+        Duration::from_secs(30),
+        || match std::fs::OpenOptions::new().read(true).write(true).open(&p) {
+            Ok(f) => f.try_lock().is_ok(),
+            Err(_) => true,
+        },
+    );
 }
 
 /// Spawn qemu-io running `cmds` against `url` in the background.
