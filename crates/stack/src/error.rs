@@ -181,7 +181,7 @@ pub enum StackError {
         path: PathBuf,
         /// Cause.
         #[source]
-        source: JournalError,
+        source: Box<JournalError>,
     },
     /// Creating a requested bitmap failed.
     #[error("cannot create bitmap {bitmap:?}")]

@@ -267,7 +267,7 @@ fn open_journal(
             StackError::OpenJournal {
                 export: spec.name.clone(),
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
     if report.dropped_records > 0 {
