@@ -57,6 +57,8 @@ pub use bitmap::{
     MIN_GRANULARITY, Taken, check_granularity, words_for,
 };
 pub use store::{
-    BitmapInfo, BitmapStore, DEFAULT_ARMED_SOFT_CAP, DEFAULT_INTENT_EXTENT, FaultHook, FaultPoint,
-    MAX_EXTENTS_PER_QUERY, Persister, StoreError, StoreOptions, WriteGuard, WriteTicket,
+    BitmapInfo, BitmapStore, DEFAULT_ARMED_SOFT_CAP, DEFAULT_INTENT_EXTENT, MAX_EXTENTS_PER_QUERY,
+    Persister, StoreError, StoreOptions, WriteGuard, WriteTicket,
 };
+#[cfg(any(test, feature = "testing"))]
+pub use store::{FaultHook, FaultPoint};

@@ -23,7 +23,7 @@ fn opts() -> StoreOptions {
     StoreOptions {
         intent_extent_size: MIB,
         armed_soft_cap: 8,
-        fault_hook: None,
+        ..StoreOptions::default()
     }
 }
 
