@@ -22,6 +22,7 @@ use understudy_block::{
 };
 
 use crate::disk::{EpochDisk, JournalConfig, JournalStats};
+use crate::error::JournalError;
 use crate::sim::{Failpoint, LossMode, Rng, SimWorld};
 
 /// One operation of a recorded workload.
@@ -422,6 +423,18 @@ pub struct Violation {
     pub reason: String,
 }
 
+/// Why the image check given to [`crash_test`] rejected a recovered image.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ImageCheckError {
+    /// The checker could not run (a tool is missing, a scratch file could
+    /// not be written): the image was not judged.
+    #[error("cannot run the image check ({0}): install the checker and free scratch space")]
+    Unavailable(String),
+    /// The checker ran and found the image inconsistent.
+    #[error("the recovered image is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
 /// Result of [`crash_test`].
 #[derive(Clone, Debug, Default)]
 pub struct CrashOutcome {
@@ -453,7 +466,7 @@ pub fn crash_test(
     ops: &[Op],
     target: &Target,
     cfg: &CrashConfig,
-    mut extra: impl FnMut(&[u8]) -> Result<(), String>,
+    mut extra: impl FnMut(&[u8]) -> Result<(), ImageCheckError>,
 ) -> CrashOutcome {
     let model = Model::new(initial, ops);
     let world = SimWorld::new();
@@ -585,8 +598,12 @@ pub fn crash_test(
             });
             continue;
         }
-        if let Err(reason) = extra_res {
-            out.violations.push(Violation { at, mode, reason });
+        if let Err(e) = extra_res {
+            out.violations.push(Violation {
+                at,
+                mode,
+                reason: e.to_string(),
+            });
         }
     }
     out.distinct_prefixes = seen.len();
@@ -595,13 +612,12 @@ pub fn crash_test(
 
 /// Recover a crash state: open the journal on the image, close it, return
 /// the image.
-pub fn recover(image: &[u8], journal: &[u8], cfg: &JournalConfig) -> Result<Vec<u8>, String> {
+pub fn recover(image: &[u8], journal: &[u8], cfg: &JournalConfig) -> Result<Vec<u8>, JournalError> {
     let w = SimWorld::new();
     let img = w.add_file(image.to_vec());
     let jr = w.add_file(journal.to_vec());
-    let (d, _) = EpochDisk::open(Arc::new(w.disk(img)), Arc::new(w.file(jr)), cfg.clone())
-        .map_err(|e| e.to_string())?;
-    d.close().map_err(|e| e.to_string())?;
+    let (d, _) = EpochDisk::open(Arc::new(w.disk(img)), Arc::new(w.file(jr)), cfg.clone())?;
+    d.close()?;
     Ok(w.contents(img))
 }
 
