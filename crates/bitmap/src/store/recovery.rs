@@ -2,7 +2,7 @@
 //! of the bitmaps after an unclean stop.
 
 use std::ffi::OsString;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +17,47 @@ use super::persister::Signal;
 use super::snapshot::{SnapState, read_snapshot};
 use super::{BitmapStore, Control, Entry, StoreError, StoreOptions};
 use crate::bitmap::DirtyBitmap;
-use crate::format::{self, DirEntry, IntentFile, IntentRecord, SLOT_SIZE};
+use crate::format::{
+    self, DirEntry, FormatError, IntentFile, IntentRecord, SLOT_SIZE, SnapshotBitmap,
+};
+
+/// Open, lock and read the intent log (creating it, durably, if needed).
+fn open_intent_log(image_path: &Path, intent_path: &Path) -> Result<(File, Vec<u8>), StoreError> {
+    let open_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Open { path, source }
+    };
+    let existed = intent_path.exists();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(intent_path)
+        .map_err(open_err(intent_path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            return Err(StoreError::Locked {
+                path: intent_path.to_owned(),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(open_err(intent_path)(e)),
+    }
+    if !existed {
+        let dir_path = understudy_durable::parent_dir(image_path);
+        understudy_durable::sync_dir(&dir_path).map_err(open_err(&dir_path))?;
+    }
+    let mut intent_bytes = Vec::new();
+    (&mut file)
+        .take(2 * SLOT_SIZE as u64)
+        .read_to_end(&mut intent_bytes)
+        .map_err(|source| StoreError::Read {
+            path: intent_path.to_owned(),
+            source,
+        })?;
+    Ok((file, intent_bytes))
+}
 
 pub(super) fn sidecar(image: &Path, suffix: &str) -> PathBuf {
     let mut name: OsString = image.file_name().map(OsString::from).unwrap_or_default();
@@ -43,37 +83,7 @@ impl BitmapStore {
             .map_err(|source| StoreError::Options { source })?;
         let snapshot_path = sidecar(image_path, ".bitmaps");
         let intent_path = sidecar(image_path, ".bitmaps-intent");
-        let open_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Open { path, source }
-        };
-        let existed = intent_path.exists();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&intent_path)
-            .map_err(open_err(&intent_path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked { path: intent_path });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(open_err(&intent_path)(e)),
-        }
-        if !existed {
-            let dir_path = understudy_durable::parent_dir(image_path);
-            understudy_durable::sync_dir(&dir_path).map_err(open_err(&dir_path))?;
-        }
-        let mut intent_bytes = Vec::new();
-        (&mut file)
-            .take(2 * SLOT_SIZE as u64)
-            .read_to_end(&mut intent_bytes)
-            .map_err(|source| StoreError::Read {
-                path: intent_path.clone(),
-                source,
-            })?;
+        let (file, intent_bytes) = open_intent_log(image_path, &intent_path)?;
         let intent = format::decode_intent_file(&intent_bytes);
         if let IntentFile::Valid(rec) = &intent
             && rec.image_size != image_size
@@ -85,7 +95,7 @@ impl BitmapStore {
             });
         }
         let snap = read_snapshot(&snapshot_path, image_size)?;
-        let (entries, snapshot_seq) = Self::recover(&snapshot_path, image_size, &intent, snap)?;
+        let (entries, snapshot_seq) = recover(&snapshot_path, image_size, &intent, snap)?;
 
         let n_extents = IntentRecord::extents_for(image_size, opts.intent_extent_size);
         let nwords = n_extents.div_ceil(64) as usize;
@@ -124,136 +134,159 @@ impl BitmapStore {
         }
         Ok(store)
     }
+}
 
-    /// Build the bitmaps from what is on disk, applying the intent log
-    /// after an unclean stop.
-    fn recover(
-        snapshot_path: &Path,
-        size: u64,
-        intent: &IntentFile,
-        snap: SnapState,
-    ) -> Result<(Vec<Entry>, u64), StoreError> {
-        let new_entry = |e: &DirEntry, bitmap: DirtyBitmap, recovered: bool| Entry {
-            name: e.name.clone(),
-            bitmap: Arc::new(bitmap),
-            enabled: AtomicBool::new(e.enabled),
-            recovered: AtomicBool::new(recovered),
+/// Build the bitmaps from what is on disk, applying the intent log after an
+/// unclean stop. Returns them and the snapshot's sequence number.
+fn recover(
+    snapshot_path: &Path,
+    size: u64,
+    intent: &IntentFile,
+    snap: SnapState,
+) -> Result<(Vec<Entry>, u64), StoreError> {
+    let (entries, seq, snapshot_clean) = match snap {
+        SnapState::Valid(s) => {
+            let (seq, clean) = (s.seq, s.clean);
+            (from_snapshot(size, s.bitmaps)?, seq, clean)
+        }
+        SnapState::Missing => (from_intent(snapshot_path, size, intent, None)?, 0, false),
+        SnapState::Corrupt(e) => (from_intent(snapshot_path, size, intent, Some(e))?, 0, false),
+    };
+    let unclean = match intent {
+        IntentFile::Valid(r) => !r.clean,
+        IntentFile::Empty => !snapshot_clean && !entries.is_empty(),
+        IntentFile::Corrupt { .. } => true,
+    };
+    if unclean {
+        mark_unclean_stop(&entries, intent);
+    }
+    Ok((entries, seq))
+}
+
+fn new_entry(e: &DirEntry, bitmap: DirtyBitmap, recovered: bool) -> Entry {
+    Entry {
+        name: e.name.clone(),
+        bitmap: Arc::new(bitmap),
+        enabled: AtomicBool::new(e.enabled),
+        recovered: AtomicBool::new(recovered),
+    }
+}
+
+/// A bitmap with every bit set, for `e` when its contents are lost.
+fn all_dirty(size: u64, e: &DirEntry) -> Result<DirtyBitmap, StoreError> {
+    let b = DirtyBitmap::new(size, e.granularity).map_err(|source| StoreError::Create {
+        name: e.name.clone(),
+        source,
+    })?;
+    b.mark_all();
+    Ok(b)
+}
+
+/// The bitmaps of a valid snapshot; one whose data is unusable is marked
+/// wholly dirty.
+fn from_snapshot(size: u64, bitmaps: Vec<SnapshotBitmap>) -> Result<Vec<Entry>, StoreError> {
+    let mut entries = Vec::with_capacity(bitmaps.len());
+    for b in bitmaps {
+        let words = match b.words {
+            Ok(w) => DirtyBitmap::from_words_checked(size, b.entry.granularity, w)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
-        let all_dirty = |e: &DirEntry| -> Result<DirtyBitmap, StoreError> {
-            let b = DirtyBitmap::new(size, e.granularity).map_err(|source| StoreError::Create {
-                name: e.name.clone(),
-                source,
-            })?;
-            b.mark_all();
-            Ok(b)
-        };
-        let snapshot_clean;
-        let mut seq = 0;
-        let mut entries = Vec::new();
-        match snap {
-            SnapState::Valid(s) => {
-                snapshot_clean = s.clean;
-                seq = s.seq;
-                for b in s.bitmaps {
-                    let words = match b.words {
-                        Ok(w) => DirtyBitmap::from_words_checked(size, b.entry.granularity, w)
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    match words {
-                        Ok(bm) => {
-                            let rec = b.entry.recovered;
-                            entries.push(new_entry(&b.entry, bm, rec));
-                        }
-                        Err(error) => {
-                            tracing::warn!(
-                                bitmap = %b.entry.name, %error,
-                                "bitmap data in the snapshot is unusable; marking the bitmap wholly dirty"
-                            );
-                            entries.push(new_entry(&b.entry, all_dirty(&b.entry)?, true));
-                        }
-                    }
-                }
+        match words {
+            Ok(bm) => {
+                let rec = b.entry.recovered;
+                entries.push(new_entry(&b.entry, bm, rec));
             }
-            SnapState::Missing | SnapState::Corrupt(_) => {
-                snapshot_clean = false;
-                let problem = match &snap {
-                    SnapState::Corrupt(e) => Some(e.clone()),
-                    _ => None,
-                };
-                match intent {
-                    IntentFile::Valid(rec) => {
-                        if !rec.dir.is_empty() || problem.is_some() {
-                            tracing::warn!(
-                                path = %snapshot_path.display(),
-                                problem = ?problem,
-                                bitmaps = rec.dir.len(),
-                                "bitmap snapshot is missing or corrupt; the bitmaps named by the \
-                                 intent log are marked wholly dirty"
-                            );
-                        }
-                        for e in &rec.dir {
-                            entries.push(new_entry(e, all_dirty(e)?, true));
-                        }
-                    }
-                    IntentFile::Empty | IntentFile::Corrupt { .. } => {
-                        if let Some(source) = problem {
-                            return Err(StoreError::Corrupt {
-                                path: snapshot_path.to_owned(),
-                                source,
-                            });
-                        }
-                        if let IntentFile::Corrupt { a, b } = intent {
-                            tracing::warn!(
-                                slot_a = %a, slot_b = %b,
-                                "intent log is corrupt and there is no snapshot; starting with no bitmaps"
-                            );
-                        }
-                    }
-                }
+            Err(error) => {
+                tracing::warn!(
+                    bitmap = %b.entry.name, %error,
+                    "bitmap data in the snapshot is unusable; marking the bitmap wholly dirty"
+                );
+                entries.push(new_entry(&b.entry, all_dirty(size, &b.entry)?, true));
             }
         }
-        let unclean = match intent {
-            IntentFile::Valid(r) => !r.clean,
-            IntentFile::Empty => !snapshot_clean && !entries.is_empty(),
-            IntentFile::Corrupt { .. } => true,
-        };
-        if unclean {
-            let enabled: Vec<&Entry> = entries
-                .iter()
-                .filter(|e| e.enabled.load(Ordering::Relaxed))
-                .collect();
-            match intent {
-                IntentFile::Valid(rec) => {
-                    let mut armed = 0u64;
-                    for ext in rec.armed_extents() {
-                        armed += 1;
-                        let off = ext.saturating_mul(rec.extent_size);
-                        for e in &enabled {
-                            e.bitmap.mark(off, rec.extent_size);
-                        }
-                    }
-                    tracing::warn!(
-                        armed_extents = armed,
-                        extent_size = rec.extent_size,
-                        bitmaps = enabled.len(),
-                        "unclean stop: marking every armed intent extent dirty in every enabled bitmap"
-                    );
-                }
-                IntentFile::Empty | IntentFile::Corrupt { .. } => {
-                    tracing::warn!(
-                        bitmaps = enabled.len(),
-                        "unclean stop without a usable intent log: marking every enabled bitmap wholly dirty"
-                    );
-                    for e in &enabled {
-                        e.bitmap.mark_all();
-                    }
+    }
+    Ok(entries)
+}
+
+/// Without a usable snapshot (`problem` says why, `None` if it is
+/// missing), the bitmaps the intent log names, wholly dirty.
+fn from_intent(
+    snapshot_path: &Path,
+    size: u64,
+    intent: &IntentFile,
+    problem: Option<FormatError>,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut entries = Vec::new();
+    match intent {
+        IntentFile::Valid(rec) => {
+            if !rec.dir.is_empty() || problem.is_some() {
+                tracing::warn!(
+                    path = %snapshot_path.display(),
+                    problem = ?problem,
+                    bitmaps = rec.dir.len(),
+                    "bitmap snapshot is missing or corrupt; the bitmaps named by the \
+                     intent log are marked wholly dirty"
+                );
+            }
+            for e in &rec.dir {
+                entries.push(new_entry(e, all_dirty(size, e)?, true));
+            }
+        }
+        IntentFile::Empty | IntentFile::Corrupt { .. } => {
+            if let Some(source) = problem {
+                return Err(StoreError::Corrupt {
+                    path: snapshot_path.to_owned(),
+                    source,
+                });
+            }
+            if let IntentFile::Corrupt { a, b } = intent {
+                tracing::warn!(
+                    slot_a = %a, slot_b = %b,
+                    "intent log is corrupt and there is no snapshot; starting with no bitmaps"
+                );
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// After an unclean stop: mark every armed intent extent (or, without a
+/// usable intent log, everything) in every enabled bitmap, and flag those
+/// bitmaps as recovered.
+fn mark_unclean_stop(entries: &[Entry], intent: &IntentFile) {
+    let enabled: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.enabled.load(Ordering::Relaxed))
+        .collect();
+    match intent {
+        IntentFile::Valid(rec) => {
+            let mut armed = 0u64;
+            for ext in rec.armed_extents() {
+                armed += 1;
+                let off = ext.saturating_mul(rec.extent_size);
+                for e in &enabled {
+                    e.bitmap.mark(off, rec.extent_size);
                 }
             }
+            tracing::warn!(
+                armed_extents = armed,
+                extent_size = rec.extent_size,
+                bitmaps = enabled.len(),
+                "unclean stop: marking every armed intent extent dirty in every enabled bitmap"
+            );
+        }
+        IntentFile::Empty | IntentFile::Corrupt { .. } => {
+            tracing::warn!(
+                bitmaps = enabled.len(),
+                "unclean stop without a usable intent log: marking every enabled bitmap wholly dirty"
+            );
             for e in &enabled {
-                e.recovered.store(true, Ordering::Relaxed);
+                e.bitmap.mark_all();
             }
         }
-        Ok((entries, seq))
+    }
+    for e in &enabled {
+        e.recovered.store(true, Ordering::Relaxed);
     }
 }
