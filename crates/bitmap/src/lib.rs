@@ -46,6 +46,13 @@
 //!
 //! `docs/bitmaps.md` has the byte layout of both files, the recovery
 //! algorithm and the over-mark bound.
+//!
+//! # Crash tests
+//!
+//! With the cargo feature `testing` (off by default), `StoreOptions` has a
+//! `fault_hook` that may fail any step of the persistence protocol
+//! (`FaultPoint`). Production builds have neither, and pay nothing for
+//! them.
 #![warn(missing_docs)]
 
 mod bitmap;
