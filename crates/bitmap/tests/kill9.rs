@@ -23,7 +23,7 @@ fn opts() -> StoreOptions {
     StoreOptions {
         intent_extent_size: MIB,
         armed_soft_cap: 8,
-        ..StoreOptions::default()
+        fault_hook: None,
     }
 }
 

@@ -191,7 +191,7 @@ fn take_never_misses_a_write_through_a_persistent_store() {
             StoreOptions {
                 intent_extent_size: 64 * G,
                 armed_soft_cap: 4,
-                ..StoreOptions::default()
+                fault_hook: None,
             },
         )
         .unwrap(),

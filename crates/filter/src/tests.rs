@@ -432,7 +432,7 @@ fn concurrent_writes_and_takes_lose_nothing() {
             StoreOptions {
                 intent_extent_size: 16 * G,
                 armed_soft_cap: 4,
-                ..StoreOptions::default()
+                fault_hook: None,
             },
         )
         .unwrap(),
