@@ -9,7 +9,7 @@ use parking_lot::MutexGuard;
 use understudy_block::{Epoch, Result as BResult, WriteOpts, ZeroOpts};
 
 use super::hook::{ClosedEpoch, closed_epoch};
-use super::state::{Live, Shared, State};
+use super::state::{Live, Pending, Shared, State};
 use crate::format::{
     FLAG_MAY_UNMAP, HEADER_SLOT, Header, REC_ALIGN, REC_HDR, RecordHeader, RecordKind, phys,
 };
@@ -123,38 +123,45 @@ impl Shared {
                 recs.extend(es.records);
             }
         }
-        let res = MutexGuard::unlocked(st, || -> BResult<()> {
-            for r in &recs {
-                match r.kind {
-                    RecordKind::Write => {
-                        let b = r.buf.as_deref().map_or(&[][..], |b| &b[REC_HDR..]);
-                        let n = (r.len as usize).min(b.len());
-                        self.inner
-                            .write_at(&b[..n], r.offset, WriteOpts::default())?;
-                    }
-                    RecordKind::Zero => self.inner.write_zeroes(
-                        r.offset,
-                        r.len,
-                        ZeroOpts {
-                            may_unmap: r.flags & FLAG_MAY_UNMAP != 0,
-                            ..Default::default()
-                        },
-                    )?,
-                    RecordKind::Discard => {
-                        self.inner.discard(r.offset, r.len, WriteOpts::default())?
-                    }
-                    _ => {}
-                }
-            }
-            self.inner.flush()
-        });
+        let res = MutexGuard::unlocked(st, || self.write_records(&recs));
         st.stats.image_syncs += 1;
         res.map_err(|e| io::Error::other(e.to_string()))?;
         for r in &recs {
             st.overlay.remove_seq(r.offset, r.offset + r.len, r.seq);
         }
         st.applied_epoch = target;
-        // Reclaim: the image holds every epoch <= target durably.
+        self.reclaim(st, target)
+    }
+
+    /// Apply records to the image and fsync it.
+    fn write_records(&self, recs: &[Pending]) -> BResult<()> {
+        for r in recs {
+            match r.kind {
+                RecordKind::Write => {
+                    let b = r.buf.as_deref().map_or(&[][..], |b| &b[REC_HDR..]);
+                    let n = (r.len as usize).min(b.len());
+                    self.inner
+                        .write_at(&b[..n], r.offset, WriteOpts::default())?;
+                }
+                RecordKind::Zero => self.inner.write_zeroes(
+                    r.offset,
+                    r.len,
+                    ZeroOpts {
+                        may_unmap: r.flags & FLAG_MAY_UNMAP != 0,
+                        ..Default::default()
+                    },
+                )?,
+                RecordKind::Discard => self.inner.discard(r.offset, r.len, WriteOpts::default())?,
+                _ => {}
+            }
+        }
+        self.inner.flush()
+    }
+
+    /// Release the ring space of every epoch up to `target`, which the
+    /// image now holds durably: move the tail in a new header, then let
+    /// writers reuse the space and write those ranges in place.
+    fn reclaim(&self, st: &mut MutexGuard<'_, State>, target: Epoch) -> io::Result<()> {
         let mut freed = Vec::new();
         while st.live.front().is_some_and(|l| l.epoch <= target) {
             freed.extend(st.live.pop_front());
