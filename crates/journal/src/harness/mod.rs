@@ -304,9 +304,7 @@ fn matching_prefix(
         .prefixes_with_hash(h)
         .iter()
         .copied()
-        .filter(|&p| p >= acked)
-        .filter(|&p| cfg.check == Check::AnyPrefix || model.is_boundary(p))
-        .next_back()
+        .rfind(|&p| p >= acked && (cfg.check == Check::AnyPrefix || model.is_boundary(p)))
 }
 
 /// Recover a crash state: open the journal on the image, close it, return
