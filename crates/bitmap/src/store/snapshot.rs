@@ -67,8 +67,9 @@ pub(super) fn read_snapshot(path: &Path, image_size: u64) -> Result<SnapState, S
 impl BitmapStore {
     /// Replace the snapshot with `bytes`, atomically and durably.
     pub(super) fn write_snapshot(&self, p: &Persistence, bytes: &[u8]) -> Result<(), ReplaceError> {
-        // The same name as before this used `replace_with`, so a temporary
-        // left by a crash of either version is simply overwritten.
+        // `replace_with` writes `IMAGE.bitmaps.tmp`, the name the store
+        // always used, so a temporary an older version left behind is just
+        // overwritten; an injected fault at its write tears that same file.
         let tmp = understudy_durable::temp_path(&p.snapshot_path);
         understudy_durable::replace_with(&p.snapshot_path, bytes, Durability::Durable, |step| {
             self.faults.before_snapshot_step(step, &tmp, bytes)
