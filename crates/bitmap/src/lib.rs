@@ -46,6 +46,13 @@
 //!
 //! `docs/bitmaps.md` has the byte layout of both files, the recovery
 //! algorithm and the over-mark bound.
+//!
+//! # Crash tests
+//!
+//! With the cargo feature `testing` (off by default), `StoreOptions` has a
+//! `fault_hook` that may fail any step of the persistence protocol
+//! (`FaultPoint`). Production builds have neither, and pay nothing for
+//! them.
 #![warn(missing_docs)]
 
 mod bitmap;
@@ -57,9 +64,11 @@ pub use bitmap::{
     MIN_GRANULARITY, Taken, check_granularity, words_for,
 };
 pub use store::{
-    BitmapInfo, BitmapStore, DEFAULT_ARMED_SOFT_CAP, DEFAULT_INTENT_EXTENT, FaultHook, FaultPoint,
-    MAX_EXTENTS_PER_QUERY, Persister, StoreError, StoreOptions, WriteGuard, WriteTicket,
+    BitmapInfo, BitmapStore, DEFAULT_ARMED_SOFT_CAP, DEFAULT_INTENT_EXTENT, MAX_EXTENTS_PER_QUERY,
+    Persister, StoreError, StoreOptions, WriteGuard, WriteTicket,
 };
+#[cfg(any(test, feature = "testing"))]
+pub use store::{FaultHook, FaultPoint};
 
 /// The sidecar files a persistent [`BitmapStore`] keeps beside
 /// `image`: the snapshot (`IMAGE.bitmaps`), the write-intent log

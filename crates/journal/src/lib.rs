@@ -21,7 +21,8 @@
 //! Code map:
 //! - [`format`]: the journal file format (pure encode/decode);
 //! - [`scan`]: reading a journal back, deciding which epochs are complete;
-//! - `disk`: [`EpochDisk`], its writer thread and recovery;
+//! - `disk/`: [`EpochDisk`], split by responsibility (configuration, flush
+//!   policy, ring, in-place writes, writer thread, recovery; see its docs);
 //! - [`sim`]: a simulated page cache with failpoints, for crash tests;
 //! - [`harness`]: recording write streams and checking crash states.
 #![warn(missing_docs)]

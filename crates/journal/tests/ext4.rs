@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use understudy_journal::harness::{Check, CrashConfig, Op, Target, crash_test};
+use understudy_journal::harness::{Check, CrashConfig, ImageCheckError, Op, Target, crash_test};
 use understudy_journal::{FlushPolicy, JournalConfig};
 
 const SIZE: usize = 8 << 20;
@@ -36,17 +36,17 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-fn e2fsck_clean(dir: &Path, img: &[u8]) -> Result<(), String> {
+fn e2fsck_clean(dir: &Path, img: &[u8]) -> Result<(), ImageCheckError> {
     let p = dir.join("check.img");
-    std::fs::write(&p, img).map_err(|e| e.to_string())?;
+    std::fs::write(&p, img).map_err(|e| ImageCheckError::Unavailable(e.to_string()))?;
     let out = Command::new("e2fsck")
         .args(["-fn"])
         .arg(&p)
         .output()
-        .map_err(|e| format!("cannot run e2fsck: {e}"))?;
+        .map_err(|e| ImageCheckError::Unavailable(format!("cannot run e2fsck: {e}")))?;
     match out.status.code() {
         Some(0) => Ok(()),
-        c => Err(format!(
+        c => Err(ImageCheckError::Inconsistent(format!(
             "e2fsck exit {c:?}: {}",
             String::from_utf8_lossy(&out.stdout)
                 .lines()
@@ -54,7 +54,7 @@ fn e2fsck_clean(dir: &Path, img: &[u8]) -> Result<(), String> {
                 .take(4)
                 .collect::<Vec<_>>()
                 .join(" | ")
-        )),
+        ))),
     }
 }
 

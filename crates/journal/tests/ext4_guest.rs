@@ -51,7 +51,8 @@ use understudy_block::{
     WriteOpts, ZeroOpts,
 };
 use understudy_journal::harness::{
-    Check, CrashConfig, CrashOutcome, Model, Op, RecordingDisk, Target, crash_test, image_hash,
+    Check, CrashConfig, CrashOutcome, ImageCheckError, Model, Op, RecordingDisk, Target,
+    crash_test, image_hash,
 };
 use understudy_journal::sim::Rng;
 use understudy_journal::{FlushPolicy, JournalConfig};
@@ -302,10 +303,10 @@ struct Fsck<'a> {
     /// States whose ext4 journal needed recovery (crashed while mounted).
     needed_recovery: usize,
     /// Why states were rejected.
-    rejected: Vec<String>,
+    rejected: Vec<ImageCheckError>,
     /// Verdicts by image hash: crash states repeat (every loss mode that
     /// lands on the same epoch gives the same image), e2fsck is the cost.
-    seen: HashMap<u64, Result<(), String>>,
+    seen: HashMap<u64, Result<(), ImageCheckError>>,
 }
 
 impl<'a> Fsck<'a> {
@@ -318,7 +319,7 @@ impl<'a> Fsck<'a> {
         }
     }
 
-    fn check(&mut self, img: &[u8]) -> Result<(), String> {
+    fn check(&mut self, img: &[u8]) -> Result<(), ImageCheckError> {
         if needs_recovery(img) {
             self.needed_recovery += 1;
         }
@@ -345,37 +346,42 @@ fn needs_recovery(img: &[u8]) -> bool {
 
 /// What a kernel mount does, then a full read-only check: replay ext4's
 /// journal (`e2fsck -E journal_only`), then `e2fsck -fn` must exit 0.
-fn ext4_clean(dir: &Path, img: &[u8]) -> Result<(), String> {
+fn ext4_clean(dir: &Path, img: &[u8]) -> Result<(), ImageCheckError> {
+    use ImageCheckError::{Inconsistent, Unavailable};
     let p = dir.join("check.img");
-    std::fs::write(&p, img).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    std::fs::write(&p, img)
+        .map_err(|e| Unavailable(format!("cannot write {}: {e}", p.display())))?;
     let replay = Command::new("e2fsck")
         .args(["-y", "-E", "journal_only"])
         .arg(&p)
         .output()
-        .map_err(|e| format!("cannot run e2fsck: {e}"))?;
+        .map_err(|e| Unavailable(format!("cannot run e2fsck: {e}")))?;
     // 0: nothing to do, 1: journal replayed.
     if !matches!(replay.status.code(), Some(0 | 1)) {
-        return Err(format!(
+        return Err(Inconsistent(format!(
             "journal replay failed ({}): {}",
             replay.status,
             summary(&replay.stdout)
-        ));
+        )));
     }
-    if needs_recovery(&std::fs::read(&p).map_err(|e| format!("cannot read back: {e}"))?) {
-        return Err("the ext4 journal still needs recovery after replay".into());
+    let replayed = std::fs::read(&p).map_err(|e| Unavailable(format!("cannot read back: {e}")))?;
+    if needs_recovery(&replayed) {
+        return Err(Inconsistent(
+            "the ext4 journal still needs recovery after replay".into(),
+        ));
     }
     let out = Command::new("e2fsck")
         .arg("-fn")
         .arg(&p)
         .output()
-        .map_err(|e| format!("cannot run e2fsck: {e}"))?;
+        .map_err(|e| Unavailable(format!("cannot run e2fsck: {e}")))?;
     match out.status.code() {
         Some(0) => Ok(()),
-        _ => Err(format!(
+        _ => Err(Inconsistent(format!(
             "e2fsck -fn {}: {}",
             out.status,
             summary(&out.stdout)
-        )),
+        ))),
     }
 }
 
@@ -439,7 +445,7 @@ fn writeback_crashes(
     modes: &[Loss],
     points: usize,
     seed: u64,
-    mut check: impl FnMut(&[u8]) -> Result<(), String>,
+    mut check: impl FnMut(&[u8]) -> Result<(), ImageCheckError>,
 ) -> Vec<(Loss, usize, usize)> {
     let mut tally: Vec<(Loss, usize, usize)> = modes.iter().map(|&m| (m, 0, 0)).collect();
     let n = ops.len();

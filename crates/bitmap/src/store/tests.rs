@@ -1,7 +1,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::Duration;
 
+use super::recovery::sidecar;
 use super::*;
+use crate::format::SLOT_SIZE;
 
 const MIB: u64 = 1 << 20;
 
