@@ -70,13 +70,21 @@ pub use store::{
 #[cfg(any(test, feature = "testing"))]
 pub use store::{FaultHook, FaultPoint};
 
+/// Suffix of the snapshot sidecar (`IMAGE.bitmaps`).
+pub const SNAPSHOT_SUFFIX: &str = ".bitmaps";
+/// Suffix of the write-intent log (`IMAGE.bitmaps-intent`).
+pub const INTENT_SUFFIX: &str = ".bitmaps-intent";
+/// Suffix of the snapshot's temporary file (`understudy_durable::temp_path`
+/// of the snapshot).
+pub const SNAPSHOT_TMP_SUFFIX: &str = ".bitmaps.tmp";
+
 /// The sidecar files a persistent [`BitmapStore`] keeps beside
 /// `image`: the snapshot (`IMAGE.bitmaps`), the write-intent log
 /// (`IMAGE.bitmaps-intent`) and the snapshot's temporary file
 /// (`IMAGE.bitmaps.tmp`). For callers that move or remove an image with
 /// its bitmaps; the store itself opens exactly these names.
 pub fn sidecar_paths(image: &std::path::Path) -> [std::path::PathBuf; 3] {
-    [".bitmaps", ".bitmaps-intent", ".bitmaps.tmp"].map(|suffix| {
+    [SNAPSHOT_SUFFIX, INTENT_SUFFIX, SNAPSHOT_TMP_SUFFIX].map(|suffix| {
         let mut name = image.file_name().unwrap_or_default().to_owned();
         name.push(suffix);
         image.with_file_name(name)

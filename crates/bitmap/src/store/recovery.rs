@@ -81,8 +81,8 @@ impl BitmapStore {
     ) -> Result<Self, StoreError> {
         format::check_extent_size(image_size, opts.intent_extent_size)
             .map_err(|source| StoreError::Options { source })?;
-        let snapshot_path = sidecar(image_path, ".bitmaps");
-        let intent_path = sidecar(image_path, ".bitmaps-intent");
+        let snapshot_path = sidecar(image_path, crate::SNAPSHOT_SUFFIX);
+        let intent_path = sidecar(image_path, crate::INTENT_SUFFIX);
         let (file, intent_bytes) = open_intent_log(image_path, &intent_path)?;
         let intent = format::decode_intent_file(&intent_bytes);
         if let IntentFile::Valid(rec) = &intent
