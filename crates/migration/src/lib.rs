@@ -56,8 +56,6 @@ pub use source::{
     RECEIVED_BITMAP, Reporter, SourceExport, SourceHooks, Status, migrate, peer_bitmap_name,
 };
 #[cfg(any(test, feature = "testing"))]
-pub use target::CommitFault;
-pub use target::{
-    DiskWrapper, TargetConfig, TargetError, TargetHooks, TargetService, open_existing,
-};
+pub use target::{CommitFault, DiskWrapper};
+pub use target::{TargetConfig, TargetError, TargetHooks, TargetService, open_existing};
 pub use understudy_layers::{Hold, Route, SwitchDisk};

@@ -33,6 +33,7 @@ mod session;
 pub use receive::{Busy, receive};
 
 /// Wraps a freshly opened target disk (tests inject faults with it).
+#[cfg(any(test, feature = "testing"))]
 pub type DiskWrapper = Arc<dyn Fn(Arc<dyn Disk>) -> Arc<dyn Disk> + Send + Sync>;
 
 /// Settings of the receiving side.
@@ -53,6 +54,7 @@ pub struct TargetConfig {
     /// durable. Default: none (as an export without `journal=on`).
     pub journal: Option<JournalConfig>,
     /// Fault injection for tests. Default: none.
+    #[cfg(any(test, feature = "testing"))]
     pub disk_wrapper: Option<DiskWrapper>,
     /// Fault injection for tests: the next `Commit` meets this fault (it
     /// is taken out by that commit). Only with the `testing` feature.
@@ -90,6 +92,7 @@ impl TargetConfig {
             store: StoreOptions::default(),
             persist_interval: std::time::Duration::from_secs(5),
             journal: None,
+            #[cfg(any(test, feature = "testing"))]
             disk_wrapper: None,
             #[cfg(any(test, feature = "testing"))]
             commit_fault: None,
@@ -289,7 +292,10 @@ fn received_spec(
     spec.journal = cfg.journal.clone();
     spec.store = cfg.store.clone();
     spec.persist_interval = cfg.persist_interval;
-    spec.block_wrapper = cfg.disk_wrapper.clone();
+    #[cfg(any(test, feature = "testing"))]
+    {
+        spec.block_wrapper = cfg.disk_wrapper.clone();
+    }
     Ok(spec)
 }
 

@@ -41,4 +41,6 @@ mod tests;
 pub use error::StackError;
 pub use open::{ExportStack, Opened, ReadOnlyExport};
 pub use sidecars::{remove_stale, sidecars};
-pub use spec::{BitmapRequest, BlockWrapper, ImageSource, StackSpec};
+#[cfg(any(test, feature = "testing"))]
+pub use spec::BlockWrapper;
+pub use spec::{BitmapRequest, ImageSource, StackSpec};

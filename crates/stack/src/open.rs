@@ -93,6 +93,7 @@ impl ExportStack {
             }));
         }
         spec.check_intent_extent(info.size)?;
+        #[cfg(any(test, feature = "testing"))]
         let block = match &spec.block_wrapper {
             Some(wrap) => wrap(block),
             None => block,

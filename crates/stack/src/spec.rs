@@ -14,6 +14,7 @@ use crate::StackError;
 
 /// Wraps the block layer right after it is opened (tests inject faults
 /// with it; the journal and filter then sit above the wrapped disk).
+#[cfg(any(test, feature = "testing"))]
 pub type BlockWrapper = Arc<dyn Fn(Arc<dyn Disk>) -> Arc<dyn Disk> + Send + Sync>;
 
 /// A named bitmap the export must have: created on the first open,
@@ -68,7 +69,9 @@ pub struct StackSpec {
     pub store: StoreOptions,
     /// How often the persister snapshots the bitmaps. Default: 5 s.
     pub persist_interval: Duration,
-    /// Test-only fault injection on the block layer. Default: none.
+    /// Test-only fault injection on the block layer (only with the
+    /// `testing` feature). Default: none.
+    #[cfg(any(test, feature = "testing"))]
     pub block_wrapper: Option<BlockWrapper>,
 }
 
@@ -84,8 +87,7 @@ impl fmt::Debug for StackSpec {
             .field("journal", &self.journal)
             .field("store", &self.store)
             .field("persist_interval", &self.persist_interval)
-            .field("block_wrapper", &self.block_wrapper.is_some())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,6 +104,7 @@ impl StackSpec {
             journal: None,
             store: StoreOptions::default(),
             persist_interval: Duration::from_secs(5),
+            #[cfg(any(test, feature = "testing"))]
             block_wrapper: None,
         }
     }
