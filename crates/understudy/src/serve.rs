@@ -737,6 +737,23 @@ impl crate::vm::ExportHost for Daemon {
 
     fn check_export(&self, spec: &ExportSpec) -> Result<()> {
         stack_spec(spec, self.persist_interval, self.intent_extent_size).validate()?;
+        // Two exports of one image would corrupt it (the bitmap sidecar's
+        // lock would refuse the second, but with a less helpful message).
+        let wanted = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
+        let same =
+            |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into()) == wanted;
+        if let Some(st) = self.exports.read().values().find(|st| same(&st.spec.path)) {
+            let user = st
+                .vm
+                .as_ref()
+                .map_or(String::new(), |vm| format!(" for VM {vm}"));
+            bail!(
+                "{} is already served as export {}{user}; use the disk option export = {} instead, or stop its user first",
+                spec.path.display(),
+                st.spec.name,
+                st.spec.name
+            );
+        }
         Ok(())
     }
 

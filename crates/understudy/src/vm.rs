@@ -144,11 +144,19 @@ struct StartParams {
     spec: Value,
 }
 
-/// Params of `vm.status` and `vm.stop`.
+/// Params of `vm.status`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NameParams {
+struct StatusParams {
     name: String,
+}
+
+/// Params of `vm.stop`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopParams {
+    name: String,
+    /// SIGKILL at once instead of QMP `quit` first.
     #[serde(default)]
     force: bool,
 }
@@ -238,7 +246,7 @@ impl VmHost {
         let r = match method {
             "vm.start" => parse_params(method, params).and_then(|p| self.start(p, host)),
             "vm.list" => Ok(json!(self.entries())),
-            "vm.status" => parse_params(method, params).and_then(|p: NameParams| {
+            "vm.status" => parse_params(method, params).and_then(|p: StatusParams| {
                 let st = self.runner.status(&p.name).map_err(|e| vm_error(&e))?;
                 Ok(json!(self.entry(st)))
             }),
@@ -429,7 +437,7 @@ impl VmHost {
         Ok(())
     }
 
-    fn stop(&self, p: NameParams, host: &dyn ExportHost) -> Result<Value, ApiError> {
+    fn stop(&self, p: StopParams, host: &dyn ExportHost) -> Result<Value, ApiError> {
         let _op = self.op.lock();
         let exit = self
             .runner

@@ -384,6 +384,12 @@ fn bad_specs_are_refused_before_qemu_and_leave_no_export() {
         ],
         "no export named",
     );
+    // An image this daemon already serves.
+    let base = dir.path().join("base.img").display().to_string();
+    refused(
+        &["vm", "start", &name, "--kernel", "/bin/sh", "--disk", &base],
+        "already served as export base",
+    );
     // Out-of-range memory.
     refused(
         &[

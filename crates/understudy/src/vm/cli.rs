@@ -87,50 +87,8 @@ pub struct StartArgs {
 /// Run a `vm` subcommand against the daemon at `control`.
 pub fn run(control: &Path, cmd: VmCmd) -> Result<()> {
     match cmd {
-        VmCmd::Start(a) => {
-            // Build the spec before connecting: a bad file or flag is
-            // reported even when no daemon runs.
-            let spec = build_spec(&a)?;
-            let mut c = Client::connect(control)?;
-            let r = c.call("vm.start", json!({"name": a.name, "spec": spec}))?;
-            let e: VmEntry = serde_json::from_value(r)?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&e)?);
-            } else {
-                println!("started VM {} (pid {})", e.name, e.pid);
-                print_entry(&e);
-                println!("stop it with: understudy vm stop {}", e.name);
-            }
-        }
-        VmCmd::List { json } => {
-            let r = Client::connect(control)?.call("vm.list", json!({}))?;
-            let vms: Vec<VmEntry> = serde_json::from_value(r)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&vms)?);
-                return Ok(());
-            }
-            println!(
-                "{:<20} {:<8} {:>8} {:>10} {:>7} {:<5}  DISKS (EXPORTS)",
-                "NAME", "STATE", "PID", "UPTIME", "MEMORY", "CPUS"
-            );
-            for e in &vms {
-                let disks: Vec<String> = e
-                    .disks
-                    .iter()
-                    .map(|d| format!("{}={}", d.name, d.export))
-                    .collect();
-                println!(
-                    "{:<20} {:<8} {:>8} {:>9}s {:>6}M {:<5}  {}",
-                    e.name,
-                    state_text(e),
-                    e.pid,
-                    e.uptime_ms / 1000,
-                    e.memory_mib,
-                    e.cpus,
-                    disks.join(" ")
-                );
-            }
-        }
+        VmCmd::Start(a) => start(control, &a),
+        VmCmd::List { json } => list(control, json),
         VmCmd::Status { name, json } => {
             let r = Client::connect(control)?.call("vm.status", json!({"name": name}))?;
             let e: VmEntry = serde_json::from_value(r)?;
@@ -140,6 +98,7 @@ pub fn run(control: &Path, cmd: VmCmd) -> Result<()> {
                 println!("VM {} pid {}", e.name, e.pid);
                 print_entry(&e);
             }
+            Ok(())
         }
         VmCmd::Stop { name, force } => {
             let r =
@@ -149,7 +108,55 @@ pub fn run(control: &Path, cmd: VmCmd) -> Result<()> {
                 "stopped VM {name} ({}); released exports {released:?}",
                 exit_text(&r["exit"])
             );
+            Ok(())
         }
+    }
+}
+
+fn start(control: &Path, a: &StartArgs) -> Result<()> {
+    // Build the spec before connecting: a bad file or flag is reported
+    // even when no daemon runs.
+    let spec = build_spec(a)?;
+    let mut c = Client::connect(control)?;
+    let r = c.call("vm.start", json!({"name": a.name, "spec": spec}))?;
+    let e: VmEntry = serde_json::from_value(r)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        println!("started VM {} (pid {})", e.name, e.pid);
+        print_entry(&e);
+        println!("stop it with: understudy vm stop {}", e.name);
+    }
+    Ok(())
+}
+
+fn list(control: &Path, json: bool) -> Result<()> {
+    let r = Client::connect(control)?.call("vm.list", json!({}))?;
+    let vms: Vec<VmEntry> = serde_json::from_value(r)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vms)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<18} {:>8} {:>10} {:>7} {:<5}  DISKS (EXPORTS)",
+        "NAME", "STATE", "PID", "UPTIME", "MEMORY", "CPUS"
+    );
+    for e in &vms {
+        let disks: Vec<String> = e
+            .disks
+            .iter()
+            .map(|d| format!("{}={}", d.name, d.export))
+            .collect();
+        println!(
+            "{:<20} {:<18} {:>8} {:>9}s {:>6}M {:<5}  {}",
+            e.name,
+            state_text(e),
+            e.pid,
+            e.uptime_ms / 1000,
+            e.memory_mib,
+            e.cpus,
+            disks.join(" ")
+        );
     }
     Ok(())
 }
@@ -182,7 +189,7 @@ fn print_entry(e: &VmEntry) {
     );
     for d in &e.disks {
         println!(
-            "  disk {}:  export {} on {}{}{}",
+            "  disk {}: export {} on {}{}{}",
             d.name,
             d.export,
             d.socket,

@@ -153,3 +153,79 @@ pub fn image_export(export: &str, d: &VmDisk) -> Result<ExportSpec, ApiError> {
         journal: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOML: &str = r#"
+memory = "128M"
+[boot]
+kernel = "/k"
+[[disks]]
+name = "root"
+path = "/r.img"
+bitmap = "b:4k"
+[[disks]]
+name = "data"
+export = "shared"
+readonly = true
+"#;
+
+    #[test]
+    fn toml_and_json_give_the_same_spec() {
+        let a = parse("demo", spec_object(json!(TOML)).unwrap(), "/dev/shm").unwrap();
+        let obj = json!({"memory": "128M", "boot": {"kernel": "/k"}, "disks": [
+            {"name": "root", "path": "/r.img", "bitmap": "b:4k"},
+            {"name": "data", "export": "shared", "readonly": true}]});
+        let b = parse("demo", spec_object(obj).unwrap(), "/dev/shm").unwrap();
+        assert_eq!(a.vm, b.vm);
+        assert_eq!(a.disks, b.disks);
+        assert_eq!(a.vm.name, "demo");
+        assert_eq!(a.vm.memory.mib(), 128);
+        assert!(a.vm.disks.is_empty());
+        assert_eq!(a.vm.paths.ram_dir, PathBuf::from("/dev/shm"));
+        let e = image_export("demo-root", &a.disks[0]).unwrap();
+        assert_eq!(e.bitmaps[0].granularity, 4096);
+        assert_eq!(e.path, PathBuf::from("/r.img"));
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let err = |m: Map<String, Value>| parse("demo", m, "/dev/shm").unwrap_err().message;
+        let obj = |v: Value| v.as_object().unwrap().clone();
+        assert!(err(obj(json!({"name": "other"}))).contains("drop `name`"));
+        assert!(err(obj(json!({"boot": {"kernal": "/k"}}))).contains("kernal"));
+        assert!(err(obj(json!({"disks": [{"name": "d", "socket": "/s"}]}))).contains("socket"));
+        assert!(
+            spec_object(json!("memory = "))
+                .unwrap_err()
+                .message
+                .contains("not valid TOML")
+        );
+        let rel = VmDisk {
+            name: "d".into(),
+            export: None,
+            path: Some("rel.img".into()),
+            format: Some("vmdk".into()),
+            bitmap: None,
+            readonly: false,
+        };
+        assert!(
+            image_export("x", &rel)
+                .unwrap_err()
+                .message
+                .contains("absolute")
+        );
+        let fmt = VmDisk {
+            path: Some("/a.img".into()),
+            ..rel
+        };
+        assert!(
+            image_export("x", &fmt)
+                .unwrap_err()
+                .message
+                .contains("raw or qcow2")
+        );
+    }
+}
