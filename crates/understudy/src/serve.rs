@@ -55,7 +55,7 @@ pub struct ServeArgs {
     /// to INTERVAL of acknowledged flushes may be lost. Use it only where
     /// losing the last seconds is acceptable. journal-size: ring size
     /// (default 128M).
-    #[arg(long = "export", required_unless_present = "accept_migrations")]
+    #[arg(long = "export", required_unless_present_any = ["accept_migrations", "vm_dir"])]
     pub exports: Vec<ExportSpec>,
     /// Control socket path.
     #[arg(long, default_value = crate::DEFAULT_CONTROL)]

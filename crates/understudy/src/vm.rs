@@ -46,7 +46,8 @@ pub struct VmArgs {
     /// socket, serial log and QEMU log, and `DIR/nbd.sock` is the NBD
     /// socket QEMU reaches its disks on when --socket is not given.
     /// Default: beside the control socket, `CONTROL-STEM-vms`
-    /// (`/tmp/understudy-vms` for the default control socket).
+    /// (`/tmp/understudy-vms` for the default control socket). With
+    /// --vm-dir, `serve` needs no --export: it may host VMs only.
     #[arg(long)]
     pub vm_dir: Option<PathBuf>,
     /// Directory of guest RAM files, for specs without `paths.ram_dir`
@@ -332,6 +333,11 @@ impl VmHost {
                     }
                     let es = spec::image_export(&name, &d)?;
                     host.check_export(&es).map_err(|e| bad(&format!("{e:#}")))?;
+                    if plan.opens.iter().any(|o| o.path == es.path) {
+                        return Err(bad(
+                            "its image is another disk's too; give each disk its own image",
+                        ));
+                    }
                     plan.opens.push(es);
                     name
                 }
@@ -341,6 +347,11 @@ impl VmHost {
                     ));
                 }
             };
+            if plan.uses.iter().any(|u| u.export == export) {
+                return Err(bad(&format!(
+                    "export {export} is another disk's too; two disks on one export corrupt it"
+                )));
+            }
             plan.uses.push(DiskUse {
                 export: export.clone(),
                 opened: d.path.is_some(),

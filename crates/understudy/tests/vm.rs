@@ -285,7 +285,9 @@ fn qemu_killed_from_outside_is_reported_with_its_signal() {
     };
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let s = daemon(dir.path());
+    // A daemon that only hosts VMs: --vm-dir and no --export.
+    let vm_dir = dir.path().join("vms");
+    let s = Server::start(dir.path(), &["--vm-dir", vm_dir.to_str().unwrap()]);
     let name = vm_name("kill");
     let img = raw_image(dir.path(), "k.img", 8 << 20);
     let disk = img.display().to_string();
@@ -293,7 +295,10 @@ fn qemu_killed_from_outside_is_reported_with_its_signal() {
     let mut args = start_args(&name, &k, &i, "console=ttyS0 quiet panic=-1 mode=idle");
     args.extend(["--disk", &disk]);
     s.ctl_ok(&args);
-    let pid = status(&s, &name)["pid"].as_u64().unwrap();
+    let st = status(&s, &name);
+    let socket = vm_dir.join("nbd.sock");
+    assert_eq!(st["disks"][0]["socket"], socket.to_str().unwrap(), "{st}");
+    let pid = st["pid"].as_u64().unwrap();
     common::run("kill", &["-9", &pid.to_string()]);
 
     let st = wait_exited(&s, &name);
@@ -383,6 +388,21 @@ fn bad_specs_are_refused_before_qemu_and_leave_no_export() {
             "export=nope",
         ],
         "no export named",
+    );
+    // Two disks on one export.
+    refused(
+        &[
+            "vm",
+            "start",
+            &name,
+            "--kernel",
+            "/bin/sh",
+            "--disk",
+            "export=base",
+            "--disk",
+            "export=base",
+        ],
+        "another disk's too",
     );
     // An image this daemon already serves.
     let base = dir.path().join("base.img").display().to_string();
