@@ -280,6 +280,24 @@ fn close_export(name: &str, st: &ExportState) -> bool {
     ok
 }
 
+/// Wait (up to `limit`) until no NBD connection holds `export`: each
+/// connection keeps an `Arc` of it until its last request has returned, so
+/// closing the bitmaps after this cannot miss a write of a client that was
+/// just killed.
+fn wait_unused(name: &str, export: &Arc<Export>, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while Arc::strong_count(export) > 1 {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(
+                export = %name,
+                "a client is still connected {limit:?} after the export was removed; closing it anyway"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Check every export (and the daemon-wide bitmap options) before any
 /// image is opened, so a bad option never follows a journal replay.
 fn validate_exports(args: &ServeArgs) -> Result<Vec<StackSpec>> {
@@ -784,7 +802,9 @@ impl crate::vm::ExportHost for Daemon {
             .write()
             .remove(name)
             .with_context(|| format!("no export named {name:?} to release"))?;
-        self.nbd.exports().remove(name);
+        if let Some(e) = self.nbd.exports().remove(name) {
+            wait_unused(name, &e, Duration::from_secs(10));
+        }
         if !close_export(name, &st) {
             bail!(
                 "export {name} could not be flushed or its bitmaps closed; see the log above (its bitmaps are recovered as after a crash when next opened)"

@@ -57,6 +57,10 @@ pub struct VmArgs {
     /// The QEMU binary VMs run with.
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// Let specs with `accel = "kvm"` or `"auto"` use KVM. Off by default:
+    /// a /dev/kvm that opens may still not boot guests (docs/vm.md).
+    #[arg(long)]
+    pub vm_allow_kvm: bool,
 }
 
 impl Default for VmArgs {
@@ -66,6 +70,7 @@ impl Default for VmArgs {
             vm_dir: None,
             vm_ram_dir: PathBuf::from("/dev/shm"),
             qemu: PathBuf::from("qemu-system-x86_64"),
+            vm_allow_kvm: false,
         }
     }
 }
@@ -118,7 +123,11 @@ fn vm_error(e: &VmError) -> ApiError {
         VmError::Prepare { .. } | VmError::Thread(_) => "io",
         _ => "qemu",
     };
-    ApiError::new(code, understudy_block::error_chain(e))
+    let mut message = understudy_block::error_chain(e);
+    if let VmError::KvmNotAllowed { .. } = e {
+        message.push_str(" (this daemon allows KVM with `serve --vm-allow-kvm`)");
+    }
+    ApiError::new(code, message)
 }
 
 /// A disk of a running VM and the export behind it.
@@ -225,6 +234,7 @@ impl VmHost {
         let cfg = RunnerConfig {
             qemu: args.qemu.clone(),
             state_root: dir.join("vms"),
+            allow_kvm: args.vm_allow_kvm,
             // QEMU greets within a second, but a loaded host under TCG is slow.
             qmp_timeout: Duration::from_secs(60),
             ..RunnerConfig::default()

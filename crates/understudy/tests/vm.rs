@@ -358,6 +358,20 @@ fn bad_specs_are_refused_before_qemu_and_leave_no_export() {
         &["vm", "start", &name, "--spec", spec.to_str().unwrap()],
         "kernal",
     );
+    // KVM, which this daemon does not allow: the image's export is
+    // opened, then released.
+    std::fs::write(
+        &spec,
+        format!(
+            "accel = \"kvm\"\n[boot]\nkernel = \"/bin/sh\"\n[[disks]]\nname = \"d\"\npath = \"{}\"\n",
+            img.display()
+        ),
+    )
+    .unwrap();
+    refused(
+        &["vm", "start", &name, "--spec", spec.to_str().unwrap()],
+        "--vm-allow-kvm",
+    );
     // Not TOML.
     std::fs::write(&spec, "memory = \n").unwrap();
     refused(
