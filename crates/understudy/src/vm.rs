@@ -501,7 +501,9 @@ impl VmHost {
     pub fn shutdown(&self, host: &dyn ExportHost) -> Vec<String> {
         let mut closing = self.op.lock();
         *closing = true;
-        let names: Vec<String> = self.runner.list().into_iter().map(|s| s.name).collect();
+        // Every started VM has an entry here; runner.list() would ask each
+        // QEMU for its state, which a hung one answers only after a timeout.
+        let names: Vec<String> = self.disks.lock().keys().cloned().collect();
         let opts = stop_options(false);
         let results: Vec<(String, Result<_, VmError>)> = std::thread::scope(|s| {
             let hs: Vec<_> = names
