@@ -64,6 +64,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         intent_extent: "64M".into(),
         workers: None,
         migration: Default::default(),
+        vm: Default::default(),
     };
     let daemon = Daemon::start(&serve)?;
     let addr = daemon.tcp_addrs[0].to_string();

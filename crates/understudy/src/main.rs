@@ -8,6 +8,7 @@ mod migrate;
 mod nbd_client;
 mod serve;
 mod spec;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,15 @@ enum Command {
     Mem {
         #[command(subcommand)]
         cmd: mem::MemCmd,
+    },
+    /// Run QEMU guests under a running server, their disks served by it
+    /// through the block filter (docs/vm.md).
+    Vm {
+        /// Control socket of the server.
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+        #[command(subcommand)]
+        cmd: vm::VmCmd,
     },
 }
 
@@ -167,6 +177,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mem { cmd } => mem::run(cmd),
         Command::Bitmap { control, cmd } => bitmap_cmd(&control, cmd),
         Command::Export { control, cmd } => export_cmd(&control, cmd),
+        Command::Vm { control, cmd } => vm::run(&control, cmd),
     }
 }
 

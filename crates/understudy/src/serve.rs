@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 use understudy_bitmap::{BitmapStore, StoreError, StoreOptions};
 use understudy_block::Disk;
@@ -55,7 +55,7 @@ pub struct ServeArgs {
     /// to INTERVAL of acknowledged flushes may be lost. Use it only where
     /// losing the last seconds is acceptable. journal-size: ring size
     /// (default 128M).
-    #[arg(long = "export", required_unless_present = "accept_migrations")]
+    #[arg(long = "export", required_unless_present_any = ["accept_migrations", "vm_dir"])]
     pub exports: Vec<ExportSpec>,
     /// Control socket path.
     #[arg(long, default_value = crate::DEFAULT_CONTROL)]
@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// Live migration (docs/migration.md).
     #[command(flatten)]
     pub migration: crate::migrate::MigrationArgs,
+    /// Running VMs (docs/vm.md).
+    #[command(flatten)]
+    pub vm: crate::vm::VmArgs,
 }
 
 /// Default worker cap per connection: 2 per CPU, from 2 to 8.
@@ -99,6 +102,9 @@ struct ExportState {
     journal: Option<Arc<EpochDisk>>,
     /// The layers live migration needs (writable exports only).
     migratable: Option<understudy_migration::SourceExport>,
+    /// The VM this export was opened for (`vm start` with a disk image);
+    /// it is released when that VM is stopped.
+    vm: Option<String>,
 }
 
 /// Durability for `NBD_CMD_ORDER` with FUA (and for FLUSH on connections
@@ -131,7 +137,13 @@ impl DirtyMapSource for StoreDirtyMap {
 
 /// A running server: exports, NBD listeners and the control socket.
 pub struct Daemon {
-    exports: BTreeMap<String, ExportState>,
+    /// Exports by name: those of `--export`, then those opened for VMs
+    /// (added and removed while serving).
+    exports: RwLock<BTreeMap<String, Arc<ExportState>>>,
+    /// Bitmap settings for exports opened while serving.
+    intent_extent_size: u64,
+    persist_interval: Duration,
+    vms: crate::vm::VmHost,
     migration: Arc<crate::migrate::Manager>,
     nbd: Server,
     accept_threads: Vec<std::thread::JoinHandle<()>>,
@@ -144,14 +156,14 @@ pub struct Daemon {
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
-            .field("exports", &self.exports.keys().collect::<Vec<_>>())
+            .field("exports", &self.export_names())
             .field("tcp_addrs", &self.tcp_addrs)
             .finish()
     }
 }
 
 /// The layer stack `spec` asks for, with the daemon's bitmap settings.
-fn stack_spec(spec: &ExportSpec, args: &ServeArgs, intent_extent_size: u64) -> StackSpec {
+fn stack_spec(spec: &ExportSpec, persist_interval: Duration, intent_extent_size: u64) -> StackSpec {
     let mut s = StackSpec::new(spec.name.clone(), spec.path.clone());
     s.format = spec.format;
     s.read_only = spec.read_only;
@@ -168,7 +180,7 @@ fn stack_spec(spec: &ExportSpec, args: &ServeArgs, intent_extent_size: u64) -> S
         intent_extent_size,
         ..StoreOptions::default()
     };
-    s.persist_interval = args.persist_interval;
+    s.persist_interval = persist_interval;
     s
 }
 
@@ -191,6 +203,7 @@ fn open_export(spec: &ExportSpec, stack: &StackSpec) -> Result<ExportState> {
                 persister: Mutex::new(None),
                 journal: None,
                 migratable: None,
+                vm: None,
             });
         }
     };
@@ -215,7 +228,74 @@ fn open_export(spec: &ExportSpec, stack: &StackSpec) -> Result<ExportState> {
         persister: Mutex::new(Some(persister)),
         journal: migratable.journal.clone(),
         migratable: Some(migratable),
+        vm: None,
     })
+}
+
+/// The NBD export serving `st`: its filtered disk, its bitmaps as
+/// `qemu:dirty-bitmap:` contexts and, with a journal, ordering.
+fn nbd_export(st: &ExportState) -> Export {
+    let mut e = Export::new(st.spec.name.clone(), st.disk.clone())
+        .with_description(format!("understudy export of {}", st.spec.path.display()))
+        .with_read_only(st.spec.read_only);
+    if let Some(store) = &st.store {
+        e = e.with_dirty(Arc::new(StoreDirtyMap(store.clone())));
+    }
+    if let Some(j) = &st.journal {
+        let durable = st
+            .spec
+            .journal
+            .as_ref()
+            .is_some_and(|s| s.flush == FlushMode::Durable);
+        e = e.with_ordering(Arc::new(JournalSync(j.clone(), durable)));
+    }
+    e
+}
+
+/// Flush an export, make its journal durable and close its bitmaps
+/// cleanly. Returns whether every step succeeded (failures are logged).
+fn close_export(name: &str, st: &ExportState) -> bool {
+    let mut ok = true;
+    if let Err(e) = st.disk.flush() {
+        tracing::error!(export = %name, "final flush failed: {e}");
+        ok = false;
+    }
+    // Under flush=ordered the flush above only orders: stop makes
+    // every epoch durable and applied before the bitmaps close.
+    if let Some(j) = &st.journal
+        && let Err(e) = j.stop()
+    {
+        tracing::error!(export = %name, "closing the journal failed: {e}");
+        ok = false;
+    }
+    if let Some(p) = st.persister.lock().take() {
+        p.stop();
+    }
+    if let Some(store) = &st.store
+        && let Err(e) = store.close()
+    {
+        tracing::error!(export = %name, "persisting bitmaps failed: {e}");
+        ok = false;
+    }
+    ok
+}
+
+/// Wait (up to `limit`) until no NBD connection holds `export`: each
+/// connection keeps an `Arc` of it until its last request has returned, so
+/// closing the bitmaps after this cannot miss a write of a client that was
+/// just killed.
+fn wait_unused(name: &str, export: &Arc<Export>, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while Arc::strong_count(export) > 1 {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(
+                export = %name,
+                "a client is still connected {limit:?} after the export was removed; closing it anyway"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Check every export (and the daemon-wide bitmap options) before any
@@ -231,7 +311,7 @@ fn validate_exports(args: &ServeArgs) -> Result<Vec<StackSpec>> {
                 spec.name
             );
         }
-        let s = stack_spec(spec, args, intent_extent_size);
+        let s = stack_spec(spec, args.persist_interval, intent_extent_size);
         s.validate()?;
         specs.push(s);
     }
@@ -245,28 +325,14 @@ impl Daemon {
         let stacks = validate_exports(args)?;
         let mut exports = BTreeMap::new();
         for (spec, stack) in args.exports.iter().zip(&stacks) {
-            exports.insert(spec.name.clone(), open_export(spec, stack)?);
+            exports.insert(spec.name.clone(), Arc::new(open_export(spec, stack)?));
         }
         let nbd = Server::new(ServerConfig {
             max_workers_per_connection: args.workers.unwrap_or_else(default_workers),
             ..ServerConfig::default()
         })?;
         for st in exports.values() {
-            let mut e = Export::new(st.spec.name.clone(), st.disk.clone())
-                .with_description(format!("understudy export of {}", st.spec.path.display()))
-                .with_read_only(st.spec.read_only);
-            if let Some(store) = &st.store {
-                e = e.with_dirty(Arc::new(StoreDirtyMap(store.clone())));
-            }
-            if let Some(j) = &st.journal {
-                let durable = st
-                    .spec
-                    .journal
-                    .as_ref()
-                    .is_some_and(|s| s.flush == FlushMode::Durable);
-                e = e.with_ordering(Arc::new(JournalSync(j.clone(), durable)));
-            }
-            nbd.exports().insert(e);
+            nbd.exports().insert(nbd_export(st));
         }
         if exports.len() == 1 {
             nbd.exports()
@@ -318,9 +384,13 @@ impl Daemon {
             &nbd,
             exports.values().filter_map(|st| st.migratable.clone()),
         )?;
+        let vms = crate::vm::VmHost::new(&args.vm, &args.control, args.socket.first(), &nbd)?;
         let (stop_tx, stop_rx) = mpsc::channel();
         Ok(Arc::new(Self {
-            exports,
+            exports: RwLock::new(exports),
+            intent_extent_size: parse_size(&args.intent_extent).context("--intent-extent")?,
+            persist_interval: args.persist_interval,
+            vms,
             migration,
             nbd,
             accept_threads,
@@ -345,30 +415,14 @@ impl Daemon {
     }
 
     /// Stop serving, flush every disk and close every bitmap store cleanly.
+    /// VMs go first (their QEMU flushes its disks through NBD), releasing
+    /// the exports opened for them.
     pub fn shutdown(&self) -> Result<()> {
+        let mut failed = self.vms.shutdown(self);
         self.nbd.shutdown_handle().shutdown();
         self.migration.shutdown();
-        let mut failed = Vec::new();
-        for (name, st) in &self.exports {
-            if let Err(e) = st.disk.flush() {
-                tracing::error!(export = %name, "final flush failed: {e}");
-                failed.push(name.clone());
-            }
-            // Under flush=ordered the flush above only orders: stop makes
-            // every epoch durable and applied before the bitmaps close.
-            if let Some(j) = &st.journal
-                && let Err(e) = j.stop()
-            {
-                tracing::error!(export = %name, "closing the journal failed: {e}");
-                failed.push(name.clone());
-            }
-            if let Some(p) = st.persister.lock().take() {
-                p.stop();
-            }
-            if let Some(store) = &st.store
-                && let Err(e) = store.close()
-            {
-                tracing::error!(export = %name, "persisting bitmaps failed: {e}");
+        for (name, st) in self.exports.read().iter() {
+            if !close_export(name, st) {
                 failed.push(name.clone());
             }
         }
@@ -386,17 +440,23 @@ impl Daemon {
             for t in d.accept_threads.drain(..) {
                 let _ = t.join();
             }
+            d.vms.join();
         }
     }
 
-    fn export(&self, name: &str) -> Result<&ExportState, Response> {
-        self.exports.get(name).ok_or_else(|| {
+    /// The names of the exports (`--export` and VM disks).
+    fn export_names(&self) -> Vec<String> {
+        self.exports.read().keys().cloned().collect()
+    }
+
+    fn export(&self, name: &str) -> Result<Arc<ExportState>, Response> {
+        self.exports.read().get(name).cloned().ok_or_else(|| {
             Response::err(
                 0,
                 "not_found",
                 format!(
                     "no export named {name:?}; exports are {:?}",
-                    self.exports.keys().collect::<Vec<_>>()
+                    self.export_names()
                 ),
             )
         })
@@ -405,6 +465,7 @@ impl Daemon {
     fn entries(&self) -> Vec<ExportEntry> {
         let mut out: Vec<ExportEntry> = self
             .exports
+            .read()
             .values()
             .map(|st| ExportEntry {
                 name: st.spec.name.clone(),
@@ -427,11 +488,12 @@ impl Daemon {
                     let flush = st.spec.journal.as_ref().map(|j| j.flush);
                     journal_entry(j, flush.unwrap_or(FlushMode::Durable))
                 }),
+                vm: st.vm.clone(),
             })
             .collect();
         // Exports that arrived by migration live in the migration manager.
         for e in self.migration.received_exports() {
-            if self.exports.contains_key(&e.name) {
+            if self.exports.read().contains_key(&e.name) {
                 continue;
             }
             out.push(ExportEntry {
@@ -448,6 +510,7 @@ impl Daemon {
                     .journal
                     .as_ref()
                     .map(|j| journal_entry(j, FlushMode::Durable)),
+                vm: None,
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -457,7 +520,7 @@ impl Daemon {
     /// The bitmap store of an export given with `--export` or received by
     /// migration.
     fn store_of(&self, export: &str) -> Result<Arc<BitmapStore>, Response> {
-        if let Some(st) = self.exports.get(export) {
+        if let Some(st) = self.exports.read().get(export) {
             return st.store.clone().ok_or_else(|| {
                 Response::err(
                     0,
@@ -547,7 +610,7 @@ impl Daemon {
                 json!({
                     "version": env!("CARGO_PKG_VERSION"),
                     "control_version": CONTROL_VERSION,
-                    "exports": self.exports.len(),
+                    "exports": self.exports.read().len(),
                     "tcp": self.tcp_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 }),
             ),
@@ -558,6 +621,7 @@ impl Daemon {
             }
             m if m.starts_with("bitmap.") => self.bitmap_method(m, &req.params),
             m if m.starts_with("migration.") => self.migration.handle(m, &req.params),
+            m if m.starts_with("vm.") => self.vms.handle(m, &req.params, self),
             m => Response::err(
                 0,
                 "bad_request",
@@ -670,7 +734,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     tracing::info!(
         "exports: {:?}; control socket {}",
-        daemon.exports.keys().collect::<Vec<_>>(),
+        daemon.export_names(),
         args.control.display()
     );
     let why = daemon.wait_for_stop();
@@ -682,4 +746,71 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped cleanly");
     }
     r
+}
+
+impl crate::vm::ExportHost for Daemon {
+    fn has_export(&self, name: &str) -> bool {
+        self.exports.read().contains_key(name) || self.nbd.exports().get(name).is_some()
+    }
+
+    fn check_export(&self, spec: &ExportSpec) -> Result<()> {
+        stack_spec(spec, self.persist_interval, self.intent_extent_size).validate()?;
+        // Two exports of one image would corrupt it (the bitmap sidecar's
+        // lock would refuse the second, but with a less helpful message).
+        let wanted = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
+        let same =
+            |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into()) == wanted;
+        if let Some(st) = self.exports.read().values().find(|st| same(&st.spec.path)) {
+            let user = st
+                .vm
+                .as_ref()
+                .map_or(String::new(), |vm| format!(" for VM {vm}"));
+            bail!(
+                "{} is already served as export {}{user}; use the disk option export = {} instead, or stop its user first",
+                spec.path.display(),
+                st.spec.name,
+                st.spec.name
+            );
+        }
+        Ok(())
+    }
+
+    fn open_export(&self, spec: &ExportSpec, vm: &str) -> Result<()> {
+        let stack = stack_spec(spec, self.persist_interval, self.intent_extent_size);
+        stack.validate()?;
+        let mut st = open_export(spec, &stack)?;
+        st.vm = Some(vm.to_string());
+        let st = Arc::new(st);
+        let mut exports = self.exports.write();
+        if exports.contains_key(&spec.name) || self.nbd.exports().get(&spec.name).is_some() {
+            drop(exports);
+            close_export(&spec.name, &st);
+            bail!(
+                "export {} appeared while it was being opened; pick another disk or VM name",
+                spec.name
+            );
+        }
+        self.nbd.exports().insert(nbd_export(&st));
+        exports.insert(spec.name.clone(), st);
+        tracing::info!(export = %spec.name, vm, path = %spec.path.display(), "export opened for a VM");
+        Ok(())
+    }
+
+    fn release_export(&self, name: &str) -> Result<()> {
+        let st = self
+            .exports
+            .write()
+            .remove(name)
+            .with_context(|| format!("no export named {name:?} to release"))?;
+        if let Some(e) = self.nbd.exports().remove(name) {
+            wait_unused(name, &e, Duration::from_secs(10));
+        }
+        if !close_export(name, &st) {
+            bail!(
+                "export {name} could not be flushed or its bitmaps closed; see the log above (its bitmaps are recovered as after a crash when next opened)"
+            );
+        }
+        tracing::info!(export = %name, "export released");
+        Ok(())
+    }
 }

@@ -128,6 +128,10 @@ pub struct ExportEntry {
     /// The epoch journal, for `journal=on` / `flush=ordered` exports.
     #[serde(default)]
     pub journal: Option<JournalEntry>,
+    /// The VM this export was opened for (`vm start` with a disk image);
+    /// `vm stop` releases it.
+    #[serde(default)]
+    pub vm: Option<String>,
 }
 
 fn local_route() -> String {
@@ -160,4 +164,72 @@ pub struct DirtyRun {
     pub offset: u64,
     /// Length.
     pub len: u64,
+}
+
+/// One VM, as `vm.list`, `vm.status` and `vm.start` report it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmEntry {
+    /// Name.
+    pub name: String,
+    /// `running`, `paused`, `exited` or `unknown` (QMP did not answer).
+    pub state: String,
+    /// QMP's run state when `paused` (`paused`, `inmigrate`, ...), the
+    /// reason when `unknown`.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// QEMU's process id (gone once exited).
+    pub pid: u32,
+    /// `tcg` or `kvm`.
+    pub accel: String,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// Launch time, Unix milliseconds.
+    pub started_unix_ms: u64,
+    /// Time since launch, milliseconds.
+    pub uptime_ms: u64,
+    /// Disks, in guest order (`/dev/vda`, ...).
+    pub disks: Vec<VmDiskEntry>,
+    /// Guest RAM file.
+    pub ram_file: String,
+    /// Serial console log.
+    pub serial_log: String,
+    /// QEMU's own output.
+    pub qemu_log: String,
+    /// QMP socket.
+    pub qmp_socket: String,
+    /// How QEMU ended, once `state` is `exited`.
+    #[serde(default)]
+    pub exit: Option<VmExit>,
+}
+
+/// One disk of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmDiskEntry {
+    /// The disk's name in the spec.
+    pub name: String,
+    /// The daemon export QEMU reads and writes through the block filter.
+    pub export: String,
+    /// The NBD Unix socket QEMU is connected to.
+    pub socket: String,
+    /// Attached read-only.
+    pub readonly: bool,
+    /// The export was opened for this VM (`path = IMAGE`) and is released
+    /// by `vm.stop`; false for `export = NAME` disks, which stay served.
+    pub opened: bool,
+}
+
+/// How a VM's QEMU ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmExit {
+    /// Exit code, when QEMU exited on its own (0 after a guest power-off).
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it (9 for SIGKILL).
+    pub signal: Option<i32>,
+    /// Whether a stop was asked for; false means QEMU died on its own or
+    /// was killed from outside.
+    pub expected: bool,
+    /// How long it ran, milliseconds.
+    pub uptime_ms: u64,
 }
