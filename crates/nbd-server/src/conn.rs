@@ -125,6 +125,7 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: Stream) -> Result<(),
     // Idle clients are legitimate; the read timeout only lets helper
     // workers notice they are idle. (Timeouts belong to the socket, which
     // every handle shares.)
+    link.reader.get_mut().set_deadline(None);
     control
         .set_read_timeout(Some(shared.config.idle_worker_timeout))
         .and_then(|()| control.set_write_timeout(shared.config.write_timeout))
@@ -223,10 +224,9 @@ fn upgrade(
     let mut wsock = socket.try_clone().map_err(ConnError::Setup)?;
     let session = tls::accept(config, &mut wsock, &early, deadline).map_err(ConnError::Tls)?;
     let rsock = socket.try_clone().map_err(ConnError::Setup)?;
-    link.reader = BufReader::with_capacity(
-        READ_BUFFER,
-        ReadHalf::Tls(TlsReader::new(rsock, Arc::clone(&session))),
-    );
+    let mut reader = TlsReader::new(rsock, Arc::clone(&session));
+    reader.set_deadline(Some(deadline));
+    link.reader = BufReader::with_capacity(READ_BUFFER, ReadHalf::Tls(reader));
     link.writer = WriteHalf::Tls(TlsWriter::new(wsock, session));
     Ok(())
 }

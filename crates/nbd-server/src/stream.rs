@@ -4,7 +4,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::tls::{TlsReader, TlsWriter};
 
@@ -121,6 +121,16 @@ impl Write for Stream {
 pub(crate) enum ReadHalf {
     Plain(Stream),
     Tls(TlsReader),
+}
+
+impl ReadHalf {
+    /// Bound reads by the handshake deadline (see `TlsReader`); plaintext
+    /// reads return whatever arrives, so the caller's own checks suffice.
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
+        if let ReadHalf::Tls(t) = self {
+            t.set_deadline(deadline);
+        }
+    }
 }
 
 impl Read for ReadHalf {

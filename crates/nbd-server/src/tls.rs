@@ -185,6 +185,9 @@ pub(crate) struct TlsReader {
     cipher: Box<[u8]>,
     pos: usize,
     len: usize,
+    /// During the NBD handshake: no socket read may wait past this, so a
+    /// client trickling a record byte by byte cannot outlive the deadline.
+    deadline: Option<Instant>,
 }
 
 impl TlsReader {
@@ -195,7 +198,14 @@ impl TlsReader {
             cipher: vec![0; READ_PIECE].into_boxed_slice(),
             pos: 0,
             len: 0,
+            deadline: None,
         }
+    }
+
+    /// Bound every socket read by `deadline` (`None`: only the socket's
+    /// own read timeout applies).
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     /// Plaintext already decrypted, or decrypt buffered ciphertext record
@@ -235,6 +245,13 @@ impl Read for TlsReader {
         loop {
             if let Some(r) = self.try_plaintext(buf) {
                 return r;
+            }
+            if let Some(deadline) = self.deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                self.sock.set_read_timeout(Some(left))?;
             }
             // No lock held: a reader waiting for the next request must not
             // hold up replies. Timeouts reach the caller; bytes read so far

@@ -591,3 +591,36 @@ fn idle_tls_connections_do_not_starve_others() {
     assert!(ts.server.stats().tls_sessions >= 202);
     drop((idle, stalled));
 }
+
+#[test]
+fn trickling_options_over_tls_do_not_outlive_the_handshake_timeout() {
+    let pki = Pki::new();
+    let ts = tls_server(&pki, true, true);
+    ts.add_disk("d", MIB);
+    let mut c = TlsClient::connect(&ts.addr(), pki.client_config());
+    // One option, sealed, then sent a byte at a time: no record ever
+    // completes before the 2 s deadline.
+    c.s.conn
+        .writer()
+        .write_all(&encode_option(OPT_LIST, &[]))
+        .unwrap();
+    let mut sealed = Vec::new();
+    while c.s.conn.wants_write() {
+        c.s.conn.write_tls(&mut sealed).unwrap();
+    }
+    let start = Instant::now();
+    let mut cut = false;
+    for b in sealed {
+        if c.s.sock.write_all(&[b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let waited = start.elapsed();
+    assert!(cut, "the trickling client was never cut off");
+    assert!(
+        waited < Duration::from_secs(6),
+        "cut off only after {waited:?}"
+    );
+}
