@@ -252,6 +252,8 @@ pub struct Handshake {
     hdr_len: usize,
     data: Vec<u8>,
     no_zeroes: bool,
+    /// The client set `FLAG_C_FIXED_NEWSTYLE` (TLS needs it).
+    fixed: bool,
     structured: bool,
     options: u32,
     meta: Option<MetaSelection>,
@@ -280,6 +282,7 @@ impl Handshake {
             hdr_len: 0,
             data: Vec::new(),
             no_zeroes: false,
+            fixed: false,
             structured: false,
             options: 0,
             meta: None,
@@ -367,6 +370,7 @@ impl Handshake {
                         // Clients without FIXED_NEWSTYLE only send EXPORT_NAME,
                         // which behaves the same either way.
                         self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+                        self.fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
                         self.phase = Phase::OptionHeader;
                     }
                 }
@@ -571,6 +575,14 @@ impl Handshake {
                 option,
                 REP_ERR_POLICY,
                 "TLS is not configured on this server; connect without TLS",
+            );
+        } else if !self.fixed {
+            // The protocol keeps clients without fixed newstyle in NOTLS.
+            reply_err(
+                out,
+                option,
+                REP_ERR_POLICY,
+                "TLS needs fixed newstyle: set NBD_FLAG_C_FIXED_NEWSTYLE",
             );
         } else if self.tls_active {
             reply_err(

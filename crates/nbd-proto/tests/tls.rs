@@ -221,3 +221,15 @@ fn tls_established_without_pending_upgrade_does_nothing() {
     let (out, _, _) = run(&mut hs, &cat, &encode_option(OPT_LIST, &[]));
     assert_eq!(types(&out), [REP_ERR_TLS_REQD]);
 }
+
+#[test]
+fn starttls_needs_fixed_newstyle() {
+    let cat = Catalog::two();
+    let mut hs = Handshake::with_tls(TlsPolicy::Allowed);
+    let (_, ev, _) = run(&mut hs, &cat, &client_flags(FLAG_C_NO_ZEROES));
+    assert_eq!(ev, Ok(None));
+    let (out, ev, _) = run(&mut hs, &cat, &encode_option(OPT_STARTTLS, &[]));
+    assert_eq!(ev, Ok(None));
+    assert_eq!(types(&out), [REP_ERR_POLICY]);
+    assert!(!hs.tls_active());
+}

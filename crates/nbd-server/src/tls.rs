@@ -48,6 +48,8 @@ pub struct NbdTls {
     pub required: bool,
 }
 
+/// Equal when both name the same rustls configuration (by pointer: rustls
+/// configs cannot be compared) and the same policy.
 impl PartialEq for NbdTls {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.config, &other.config) && self.required == other.required
