@@ -5,7 +5,7 @@
 //!        │ one thread per connection
 //!        ▼
 //!   handshake (deadline: handshake_timeout) ──► ExportRegistry (RwLock, handshake only)
-//!        │
+//!        │  optional STARTTLS: rustls session from ServerConfig::tls (tls.rs)
 //!        ▼
 //!   transmission: 1..=max_workers_per_connection workers share the socket
 //!        reader lock ─► validate ─► Disk I/O ─► writer lock (one write per reply)

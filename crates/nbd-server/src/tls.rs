@@ -165,6 +165,12 @@ pub(crate) fn accept(
     }
     // Pieces are bounded by the writer (WRITE_PIECE), not by rustls.
     tls.set_buffer_limit(None);
+    tracing::debug!(
+        version = ?tls.protocol_version(),
+        suite = ?tls.negotiated_cipher_suite().map(|s| s.suite()),
+        client_certificate = tls.peer_certificates().is_some(),
+        "TLS established"
+    );
     Ok(Arc::new(Session(Mutex::new(tls))))
 }
 
