@@ -624,3 +624,36 @@ fn trickling_options_over_tls_do_not_outlive_the_handshake_timeout() {
         "cut off only after {waited:?}"
     );
 }
+
+#[test]
+fn tls_over_unix_sockets() {
+    let pki = Pki::new();
+    let ts = tls_server(&pki, true, true);
+    let (path, _) = ts.add_disk("d", MIB);
+    let c = creds(&pki.client_dir);
+    let o = format!(
+        "driver=nbd,server.type=unix,server.path={},export=d,tls-creds=tls0,tls-hostname=localhost",
+        ts.sock.display()
+    );
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "--object",
+            &c,
+            "--image-opts",
+            &o,
+            "-c",
+            "write -P 0x3c 0 8k",
+        ],
+    );
+    assert_qemu_io_clean(&out);
+    assert_eq!(read_file_range(&path, 0, 8192), vec![0x3c; 8192]);
+    let uri = format!(
+        "nbds+unix:///d?socket={}&tls-certificates={}",
+        ts.sock.display(),
+        pki.client_dir.display()
+    );
+    let info: Value = serde_json::from_str(&run_ok("nbdinfo", &["--json", &uri])).unwrap();
+    assert_eq!(info["exports"][0]["export-size"], MIB, "{info}");
+    assert_eq!(ts.server.stats().tls_sessions, 2);
+}
