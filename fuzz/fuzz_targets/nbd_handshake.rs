@@ -10,7 +10,8 @@ use libfuzzer_sys::fuzz_target;
 use understudy_nbd_proto::reply::parse_option_reply;
 use understudy_nbd_proto::wire::*;
 use understudy_nbd_proto::{
-    BlockSize, Event, ExportCatalog, ExportDescriptor, Handshake, MetaContext, TlsPolicy,
+    BlockSize, Event, ExportCatalog, ExportDescriptor, Handshake, Listing, MetaContext,
+    TlsPolicy,
 };
 
 struct Catalog;
@@ -38,13 +39,23 @@ impl ExportCatalog for Catalog {
                     MetaContext::BaseAllocation,
                     MetaContext::DirtyBitmap("b0".into()),
                 ],
+                // "b" is served only over TLS.
+                tls_only: name == "b",
             },
             (),
         ))
     }
-    fn list(&self, f: &mut dyn FnMut(&str, &str)) {
-        f("a", "fuzz");
-        f("b", "");
+    fn list(&self, f: &mut dyn FnMut(Listing<'_>)) {
+        f(Listing {
+            name: "a",
+            description: "fuzz",
+            tls_only: false,
+        });
+        f(Listing {
+            name: "b",
+            description: "",
+            tls_only: true,
+        });
     }
 }
 
@@ -82,6 +93,7 @@ fuzz_target!(|data: &[u8]| {
                             assert_ne!(n.flags & FLAG_HAS_FLAGS, 0);
                             assert!(n.structured || n.contexts.is_empty());
                             assert!(policy != TlsPolicy::Required || hs.tls_active());
+                            assert!(n.name != "b" || hs.tls_active(), "TLS-only export in plaintext");
                         }
                     }
                     None => assert_eq!(p.consumed, piece.len()),

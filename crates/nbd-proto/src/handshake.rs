@@ -74,6 +74,24 @@ pub struct ExportDescriptor {
     pub block_size: BlockSize,
     /// Metadata contexts the export offers.
     pub contexts: Vec<MetaContext>,
+    /// Serve only over TLS (the protocol's SELECTIVETLS with a TLS-only
+    /// export): before the upgrade, `INFO`/`GO` and metadata context
+    /// options naming it get `REP_ERR_TLS_REQD` (`REP_ERR_POLICY` on a
+    /// server without TLS, which can never serve it), `EXPORT_NAME`
+    /// closes the connection, and `LIST` leaves it out.
+    pub tls_only: bool,
+}
+
+/// One export as `OPT_LIST` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listing<'a> {
+    /// Export name.
+    pub name: &'a str,
+    /// Human-readable description; may be empty.
+    pub description: &'a str,
+    /// Served only over TLS (see [`ExportDescriptor::tls_only`]): left out
+    /// of plaintext listings.
+    pub tls_only: bool,
 }
 
 /// The export namespace the handshake consults.
@@ -86,8 +104,8 @@ pub trait ExportCatalog {
     /// export. `None` means the export does not exist.
     fn lookup(&self, name: &str) -> Option<(ExportDescriptor, Self::Handle)>;
 
-    /// Call `f(name, description)` for every export to list.
-    fn list(&self, f: &mut dyn FnMut(&str, &str));
+    /// Call `f` for every export to list.
+    fn list(&self, f: &mut dyn FnMut(Listing<'_>));
 }
 
 /// The outcome of a finished handshake.
@@ -208,9 +226,10 @@ pub enum HandshakeError {
     #[error("the handshake already ended: hand further bytes to the transmission phase")]
     Finished,
     /// `OPT_EXPORT_NAME` arrived before TLS on a server that requires
-    /// TLS; the option cannot be answered with an error.
+    /// TLS, or named a TLS-only export; the option cannot be answered with
+    /// an error.
     #[error(
-        "client chose an export with NBD_OPT_EXPORT_NAME without TLS, but this server requires TLS: close the connection (connect with TLS, e.g. qemu's tls-creds object or an nbds:// URI)"
+        "client chose an export with NBD_OPT_EXPORT_NAME without TLS, but the server or the export requires TLS: close the connection (connect with TLS, e.g. qemu's tls-creds object or an nbds:// URI)"
     )]
     TlsRequired,
     /// `feed` was called after [`Event::StartTls`] but before
@@ -313,6 +332,16 @@ impl Handshake {
             && !self.tls_active
             && option != OPT_STARTTLS
             && option != OPT_ABORT
+    }
+
+    /// The refusal for a TLS-only export before TLS is up, if any.
+    fn export_gate(&self, desc: &ExportDescriptor) -> Option<u32> {
+        match (desc.tls_only && !self.tls_active, self.tls) {
+            (false, _) => None,
+            // NOTLS must never answer ERR_TLS_REQD.
+            (true, TlsPolicy::Off) => Some(REP_ERR_POLICY),
+            (true, _) => Some(REP_ERR_TLS_REQD),
+        }
     }
 
     /// The bytes the server sends first.
@@ -508,7 +537,12 @@ impl Handshake {
                 if !data.is_empty() {
                     reply_err(out, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                 } else {
-                    catalog.list(&mut |name, desc| {
+                    let hide_tls_only = !self.tls_active;
+                    catalog.list(&mut |l| {
+                        if l.tls_only && hide_tls_only {
+                            return;
+                        }
+                        let (name, desc) = (l.name, l.description);
                         let len = (name.len() as u32).to_be_bytes();
                         reply(
                             out,
@@ -614,6 +648,9 @@ impl Handshake {
         };
         let name = std::str::from_utf8(data).map_err(|_| unknown())?;
         let (desc, handle) = catalog.lookup(name).ok_or_else(unknown)?;
+        if self.export_gate(&desc).is_some() {
+            return Err(HandshakeError::TlsRequired);
+        }
         let flags = self.flags_for(&desc);
         out.extend_from_slice(&desc.size.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
@@ -688,6 +725,10 @@ impl Handshake {
             );
             return None;
         };
+        if let Some(code) = self.export_gate(&desc) {
+            reply_export_tls(out, option, code);
+            return None;
+        }
         let flags = self.flags_for(&desc);
         let mut info = [0u8; 12];
         info[0..2].copy_from_slice(&INFO_EXPORT.to_be_bytes());
@@ -778,6 +819,10 @@ impl Handshake {
             );
             return;
         };
+        if let Some(code) = self.export_gate(&desc) {
+            reply_export_tls(out, option, code);
+            return;
+        }
         let mut selected: Vec<MetaContext> = Vec::new();
         if queries.list.is_empty() {
             if mode == QueryMode::List {
@@ -935,6 +980,15 @@ fn reply_tls_reqd(out: &mut Vec<u8>, option: u32) {
         REP_ERR_TLS_REQD,
         "this server requires TLS: send NBD_OPT_STARTTLS first (qemu: tls-creds object; libnbd: nbds:// URI)",
     );
+}
+
+fn reply_export_tls(out: &mut Vec<u8>, option: u32, code: u32) {
+    let msg = if code == REP_ERR_POLICY {
+        "this export is served only over TLS, which this server does not offer; ask its operator"
+    } else {
+        "this export is served only over TLS: send NBD_OPT_STARTTLS first (qemu: tls-creds object; libnbd: nbds:// URI)"
+    };
+    reply_err(out, option, code, msg);
 }
 
 fn reply_err(out: &mut Vec<u8>, option: u32, typ: u32, msg: &str) {

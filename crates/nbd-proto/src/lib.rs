@@ -33,8 +33,8 @@ pub mod wire;
 
 pub use errno::NbdErrno;
 pub use handshake::{
-    BlockSize, Event, ExportCatalog, ExportDescriptor, Handshake, HandshakeError, Negotiated,
-    Progress, TlsPolicy,
+    BlockSize, Event, ExportCatalog, ExportDescriptor, Handshake, HandshakeError, Listing,
+    Negotiated, Progress, TlsPolicy,
 };
 pub use meta::{MetaContext, SelectedContext};
 pub use request::{Op, Request, RequestError, TransmissionInfo, ValidRequest, validate_request};

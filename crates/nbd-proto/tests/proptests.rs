@@ -201,11 +201,13 @@ proptest! {
         prop_assert_eq!(&whole, &bytes_one);
     }
 
-    /// With every TLS policy: no panic, split invariance, and the TLS
-    /// rules hold: under `Required` nothing but refusals (and the STARTTLS
-    /// or ABORT acknowledgement) leaves the server before the upgrade and
-    /// no export is entered without it; `ERR_TLS_REQD` never appears
-    /// after the upgrade or without `Required`; `Off` never upgrades.
+    /// With every TLS policy, and export "b" TLS-only or not: no panic,
+    /// split invariance, and the TLS rules hold: under `Required` nothing
+    /// but refusals (and the STARTTLS or ABORT acknowledgement) leaves the
+    /// server before the upgrade and no export is entered without it; a
+    /// TLS-only export is never entered in plaintext; `ERR_TLS_REQD` never
+    /// appears after the upgrade, under `Off`, or without a reason; `Off`
+    /// never upgrades.
     #[test]
     fn handshake_tls_states(
         policy in prop_oneof![Just(TlsPolicy::Off), Just(TlsPolicy::Allowed), Just(TlsPolicy::Required)],
@@ -213,12 +215,16 @@ proptest! {
             Just(Vec::new()),
             Just(info_go_data("a", &[INFO_NAME])),
             Just(info_go_data("", &[])),
+            Just(info_go_data("b", &[])),
+            Just(b"b".to_vec()),
             proptest::collection::vec(any::<u8>(), 0..40),
         ]), 0..10),
         body in proptest::collection::vec(any::<u8>(), 0..64),
         split in any::<prop::sample::Index>(),
+        b_tls_only in any::<bool>(),
     ) {
-        let cat = Catalog::two();
+        let mut cat = Catalog::two();
+        cat.exports[1].tls_only = b_tls_only;
         let mut input = client_flags(FLAG_C_FIXED_NEWSTYLE).to_vec();
         for (o, d) in &opts {
             input.extend(encode_option(*o, d));
@@ -235,6 +241,9 @@ proptest! {
         if policy == TlsPolicy::Off {
             prop_assert!(tls_at.is_none());
         }
+        if b_tls_only && tls_at.is_none() {
+            prop_assert!(!outcome.contains("name: \"b\""), "TLS-only export in plaintext: {}", outcome);
+        }
         if policy == TlsPolicy::Required {
             if tls_at.is_none() {
                 prop_assert!(!outcome.starts_with("Transmission"), "{}", outcome);
@@ -244,7 +253,8 @@ proptest! {
                     || (h.typ == REP_ACK && (h.option == OPT_STARTTLS || h.option == OPT_ABORT));
                 prop_assert!(ok, "reply {:#x} to option {} before TLS", h.typ, h.option);
             }
-        } else {
+        } else if policy == TlsPolicy::Off || !b_tls_only {
+            // Only a TLS-only export on a server offering TLS earns it.
             prop_assert!(replies_lenient(before).iter().all(|(h, _)| h.typ != REP_ERR_TLS_REQD));
         }
         prop_assert!(replies_lenient(after).iter().all(|(h, _)| h.typ != REP_ERR_TLS_REQD));

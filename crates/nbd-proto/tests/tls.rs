@@ -233,3 +233,88 @@ fn starttls_needs_fixed_newstyle() {
     assert_eq!(types(&out), [REP_ERR_POLICY]);
     assert!(!hs.tls_active());
 }
+
+/// "a" is open, "b" is served only over TLS.
+fn selective() -> Catalog {
+    let mut cat = Catalog::two();
+    cat.exports[1].tls_only = true;
+    cat
+}
+
+#[test]
+fn tls_only_export_is_hidden_and_refused_before_tls() {
+    let cat = selective();
+    let mut hs = started(&cat, TlsPolicy::Allowed);
+    let mut input = encode_option(OPT_LIST, &[]);
+    input.extend(encode_option(OPT_INFO, &info_go_data("b", &[])));
+    input.extend(encode_option(OPT_GO, &info_go_data("b", &[])));
+    input.extend(encode_option(OPT_STRUCTURED_REPLY, &[]));
+    input.extend(encode_option(
+        OPT_LIST_META_CONTEXT,
+        &meta_data("b", &["base:"]),
+    ));
+    input.extend(encode_option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("b", &["base:allocation"]),
+    ));
+    input.extend(encode_option(OPT_INFO, &info_go_data("a", &[])));
+    let (out, ev, _) = run(&mut hs, &cat, &input);
+    assert_eq!(ev, Ok(None));
+    let r = replies(&out);
+    let t: Vec<u32> = r.iter().map(|(h, _)| h.typ).collect();
+    assert_eq!(
+        t,
+        [
+            REP_SERVER, // only "a"
+            REP_ACK,
+            REP_ERR_TLS_REQD,
+            REP_ERR_TLS_REQD,
+            REP_ACK,
+            REP_ERR_TLS_REQD,
+            REP_ERR_TLS_REQD,
+            REP_INFO,
+            REP_INFO,
+            REP_ACK
+        ]
+    );
+    assert_eq!(&r[0].1[4..5], b"a");
+    // EXPORT_NAME of it closes without a byte.
+    let (out, ev, _) = run(&mut hs, &cat, &encode_option(OPT_EXPORT_NAME, b"b"));
+    assert_eq!(ev, Err(HandshakeError::TlsRequired));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn tls_only_export_is_served_after_tls() {
+    let cat = selective();
+    let mut hs = started(&cat, TlsPolicy::Allowed);
+    upgrade(&mut hs, &cat);
+    let (out, ev, _) = run(&mut hs, &cat, &encode_option(OPT_LIST, &[]));
+    assert_eq!(ev, Ok(None));
+    assert_eq!(types(&out), [REP_SERVER, REP_SERVER, REP_ACK]);
+    let (_, ev, _) = run(&mut hs, &cat, &encode_option(OPT_EXPORT_NAME, b"b"));
+    assert!(matches!(ev, Ok(Some(Event::Transmission(ref n))) if n.name == "b"));
+}
+
+#[test]
+fn tls_only_export_on_a_server_without_tls_is_refused_by_policy() {
+    let cat = selective();
+    let mut hs = started(&cat, TlsPolicy::Off);
+    let (out, ev, _) = run(
+        &mut hs,
+        &cat,
+        &encode_option(OPT_GO, &info_go_data("b", &[])),
+    );
+    assert_eq!(ev, Ok(None));
+    assert_eq!(
+        types(&out),
+        [REP_ERR_POLICY],
+        "NOTLS never sends ERR_TLS_REQD"
+    );
+    let (_, ev, _) = run(
+        &mut hs,
+        &cat,
+        &encode_option(OPT_GO, &info_go_data("a", &[])),
+    );
+    assert!(matches!(ev, Ok(Some(Event::Transmission(ref n))) if n.name == "a"));
+}

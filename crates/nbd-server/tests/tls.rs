@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use understudy_block::raw::RawDisk;
 use understudy_nbd_proto::Request;
 use understudy_nbd_proto::reply::{encode_option, parse_option_reply, parse_simple_reply};
 use understudy_nbd_proto::wire::*;
-use understudy_nbd_server::{NbdTls, ServerConfig};
+use understudy_nbd_server::{Export, NbdTls, ServerConfig};
 use understudy_tls::certs::{self, IssueOptions, QemuRole};
 use understudy_tls::rustls::pki_types::ServerName;
 use understudy_tls::rustls::{self, ClientConnection, StreamOwned};
@@ -656,4 +657,50 @@ fn tls_over_unix_sockets() {
     let info: Value = serde_json::from_str(&run_ok("nbdinfo", &["--json", &uri])).unwrap();
     assert_eq!(info["exports"][0]["export-size"], MIB, "{info}");
     assert_eq!(ts.server.stats().tls_sessions, 2);
+}
+
+#[test]
+fn tls_only_export_next_to_a_plaintext_one() {
+    let pki = Pki::new();
+    let ts = tls_server(&pki, false, true);
+    ts.add_disk("open", MIB);
+    let secret_path = ts.dir.path().join("secret.raw");
+    let disk = Arc::new(RawDisk::create(&secret_path, MIB).unwrap());
+    ts.server
+        .exports()
+        .insert(Export::new("secret", disk).with_tls_required(true));
+
+    // Plaintext: the open export works, the TLS-only one is neither
+    // listed nor served.
+    assert_qemu_io_clean(&qemu_io(&ts.uri("open"), &["write -P 1 0 4k"]));
+    let bad = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 2 0 4k", &ts.uri("secret")],
+    );
+    let text = String::from_utf8_lossy(&bad.stderr).to_lowercase()
+        + &String::from_utf8_lossy(&bad.stdout).to_lowercase();
+    assert!(text.contains("tls"), "qemu-io did not report TLS: {text}");
+    let list: Value =
+        serde_json::from_str(&run_ok("nbdinfo", &["--list", "--json", &ts.uri("")])).unwrap();
+    let names: Vec<&str> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["open"], "{list}");
+    assert_eq!(read_file_range(&secret_path, 0, 4096), vec![0; 4096]);
+
+    // Over TLS both are listed and the TLS-only one is served.
+    let (ok, out) = qemu_io_tls(&ts, &pki.client_dir, "secret", &["write -P 2 0 4k"]);
+    assert!(ok, "{out}");
+    assert_eq!(read_file_range(&secret_path, 0, 4096), vec![2; 4096]);
+    let uri = format!(
+        "nbds://localhost:{}/?tls-certificates={}",
+        ts.port,
+        pki.client_dir.display()
+    );
+    let list: Value =
+        serde_json::from_str(&run_ok("nbdinfo", &["--list", "--json", &uri])).unwrap();
+    assert_eq!(list["exports"].as_array().unwrap().len(), 2, "{list}");
 }
