@@ -532,6 +532,7 @@ fn garbage_truncated_and_stalled_tls_handshakes_are_dropped() {
         c.send(&hello[..cut]);
         drop(c);
     }
+    // Measured from before the connect: the server's deadline starts later.
     let start = Instant::now();
     let mut stalled = starttls_raw(&ts);
     stalled.send(&hello[..hello.len() / 2]);
@@ -542,7 +543,7 @@ fn garbage_truncated_and_stalled_tls_handshakes_are_dropped() {
     assert!(stalled.closed(), "a stalled TLS handshake was not dropped");
     let waited = start.elapsed();
     assert!(
-        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(8),
         "dropped after {waited:?}, expected about the 2 s handshake timeout"
     );
 
