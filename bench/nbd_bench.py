@@ -6,8 +6,19 @@ Serves the same raw file with each server, drives each with the same clients
 reports medians and ratios. Also runs understudy with 3 enabled bitmaps to
 measure the block filter's cost.
 
+NBD over TLS: the kinds `understudy-tls` (`serve --tls-cert --tls-key
+--tls=require`) and `qemu-nbd-tls` (`--object tls-creds-x509,...,
+verify-peer=no --tls-creds`) serve with TLS required and a server
+certificate from one throwaway CA made with openssl. fio's nbd engine and
+nbdcopy (libnbd) connect with `nbds://localhost:PORT/bench?tls-verify-peer=false`:
+fio's engine may not read local files, so it can name neither a CA nor a
+client certificate (`tls-certificates=` is refused, and as root libnbd only
+looks in /etc/pki/libnbd). Certificate checks happen once per connection;
+the rows measure the record layer (TLS 1.3, AES-GCM), which is the same
+either way.
+
 Usage: python3 bench/nbd_bench.py [--size-gib 2] [--rounds 3] [--runtime 8]
-       [--out bench-out] [--quick]
+       [--servers understudy-tls,qemu-nbd-tls] [--pin 1:0]
 """
 import argparse
 import json
@@ -29,6 +40,41 @@ PIN = None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("UNDERSTUDY_BIN", os.path.join(ROOT, "target", "release", "understudy"))
 BASE_BIN = os.environ.get("UNDERSTUDY_BASE_BIN", "")
+# Set by make_pki(): the server credentials in QEMU's layout.
+PKI = {}
+
+
+def make_pki(work):
+    """A throwaway CA and a server certificate for `localhost`, laid out for
+    qemu-nbd's tls-creds-x509 dir= (ca-cert.pem, server-cert.pem,
+    server-key.pem)."""
+    sdir = os.path.join(work, "pki-server")
+    os.makedirs(sdir)
+    ca_key, ca_cert = os.path.join(work, "ca-key.pem"), os.path.join(sdir, "ca-cert.pem")
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    ssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "2",
+        "-subj", "/CN=nbd-bench-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for side, d, name in (("server", sdir, "localhost"),):
+        key, cert = os.path.join(d, f"{side}-key.pem"), os.path.join(d, f"{side}-cert.pem")
+        csr, ext = os.path.join(work, f"{side}.csr"), os.path.join(work, f"{side}.ext")
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n")
+        ssl("req", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+        ssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+            "-out", cert, "-days", "2", "-extfile", ext)
+    PKI.update(server_dir=sdir)
+
+
+def uri(kind, port):
+    if kind.endswith("-tls"):
+        return f"nbds://localhost:{port}/bench?tls-verify-peer=false"
+    return f"nbd://127.0.0.1:{port}/bench"
 
 
 
@@ -45,9 +91,20 @@ def start(kind, image, port, work):
         cmd = [BIN, "--log", "warn", "serve", "--listen", f"127.0.0.1:{port}",
                "--control", os.path.join(work, f"ctl-{port}.sock"),
                "--export", f"name=bench,path={image},format=raw,bitmap=a,bitmap=b,bitmap=c"]
-    elif kind == "qemu-nbd":
+    elif kind == "understudy-tls":
+        sdir = PKI["server_dir"]
+        cmd = [BIN, "--log", "warn", "serve", "--listen", f"127.0.0.1:{port}",
+               "--control", os.path.join(work, f"ctl-{port}.sock"),
+               "--tls-cert", os.path.join(sdir, "server-cert.pem"),
+               "--tls-key", os.path.join(sdir, "server-key.pem"), "--tls=require",
+               "--export", f"name=bench,path={image},format=raw"]
+    elif kind in ("qemu-nbd", "qemu-nbd-tls"):
         cmd = ["qemu-nbd", "-f", "raw", "-x", "bench", "-b", "127.0.0.1", "-p", str(port),
                "-e", "64", "-t", "--cache=writeback", "--aio=threads", image]
+        if kind == "qemu-nbd-tls":
+            # No client certificates, like understudy-tls (see the docstring).
+            creds = f"tls-creds-x509,id=tls0,dir={PKI['server_dir']},endpoint=server,verify-peer=no"
+            cmd[1:1] = ["--object", creds, "--tls-creds", "tls0"]
     elif kind == "nbdkit":
         cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-e", "bench",
                "file", f"file={image}"]
@@ -115,6 +172,8 @@ def main():
         sys.exit(f"{BIN} is missing: run `cargo build --release -p understudy` first")
     servers = args.servers.split(",")
     work = tempfile.mkdtemp(prefix="nbd-bench-")
+    if any(s.endswith("-tls") for s in servers):
+        make_pki(work)
     # One fully allocated, non-zero image per server (so bitmap sidecars and
     # locks never collide), all served at once; measurements interleave at
     # the finest grain: for each round and workload, every server in turn,
@@ -145,7 +204,7 @@ def main():
         for i, s in enumerate(servers):
             port = free_port()
             img = files[(i + r) % len(files)] if args.rotate_images else images[s]
-            procs[s] = (start(s, img, port, work), f"nbd://127.0.0.1:{port}/bench")
+            procs[s] = (start(s, img, port, work), uri(s, port))
 
     try:
         for r in range(args.rounds):
@@ -168,9 +227,10 @@ def main():
     print(f"image {args.size_gib} GiB, {args.rounds} rounds, {args.runtime} s per fio run, "
           f"medians; images rotated: {args.rotate_images}; nproc={os.cpu_count()}, pin (server:client)={args.pin}, load after: {os.getloadavg()[0]:.1f}")
     print()
-    hdr = "| workload | " + " | ".join(servers) + " | us/nbdkit | us/qemu-nbd | 3 bitmaps/none |"
+    hdr = ("| workload | " + " | ".join(servers)
+           + " | us/nbdkit | us/qemu-nbd | 3 bitmaps/none | tls: us/qemu-nbd |")
     print(hdr)
-    print("|" + "---|" * (len(servers) + 4))
+    print("|" + "---|" * (len(servers) + 5))
     for name, _ in WORKLOADS:
         row = [f"{med[s][name]:.0f}" for s in servers]
         us = med.get("understudy", {}).get(name)
@@ -179,7 +239,10 @@ def main():
             return f"{us / o:.2f}" if us and o else "-"
         bm = med.get("understudy+3bitmaps", {}).get(name)
         bmr = f"{bm / us:.3f}" if bm and us else "-"
-        print(f"| {name} | " + " | ".join(row) + f" | {ratio('nbdkit')} | {ratio('qemu-nbd')} | {bmr} |")
+        ut, qt = med.get("understudy-tls", {}).get(name), med.get("qemu-nbd-tls", {}).get(name)
+        tls = f"{ut / qt:.2f}" if ut and qt else "-"
+        print(f"| {name} | " + " | ".join(row)
+              + f" | {ratio('nbdkit')} | {ratio('qemu-nbd')} | {bmr} | {tls} |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,23 @@
 //!                           GO (ACK) / EXPORT_NAME ──► Event::Transmission
 //! ```
 //!
+//! With a TLS policy ([`Handshake::with_tls`]) `OPT_STARTTLS` is answered
+//! with `REP_ACK` and ends `feed` with [`Event::StartTls`]; option haggling
+//! resumes, on the encrypted stream, once the I/O layer calls
+//! [`Handshake::tls_established`]:
+//!
+//! ```text
+//!   plaintext options ──STARTTLS──► ACK, Event::StartTls ──► (TLS handshake by the caller)
+//!        │  Required: every option but STARTTLS/ABORT ─► ERR_TLS_REQD      │ tls_established()
+//!        │            EXPORT_NAME ─► HandshakeError::TlsRequired (close)   ▼
+//!        │                                             options over TLS (STARTTLS ─► ERR_INVALID)
+//!        └─ Allowed: served as without TLS
+//! ```
+//!
+//! Whatever was negotiated in plaintext (structured replies, metadata
+//! contexts) is forgotten at the upgrade: a man in the middle could have
+//! injected it (nbdkit's CVE-2021-3716).
+//!
 //! The I/O layer writes [`Handshake::greeting`], then repeatedly hands any
 //! received bytes to [`Handshake::feed`], writes whatever `feed` appended to
 //! its output buffer, and stops on an [`Event`] or an error (which always
@@ -57,6 +74,24 @@ pub struct ExportDescriptor {
     pub block_size: BlockSize,
     /// Metadata contexts the export offers.
     pub contexts: Vec<MetaContext>,
+    /// Serve only over TLS (the protocol's SELECTIVETLS with a TLS-only
+    /// export): before the upgrade, `INFO`/`GO` and metadata context
+    /// options naming it get `REP_ERR_TLS_REQD` (`REP_ERR_POLICY` on a
+    /// server without TLS, which can never serve it), `EXPORT_NAME`
+    /// closes the connection, and `LIST` leaves it out.
+    pub tls_only: bool,
+}
+
+/// One export as `OPT_LIST` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listing<'a> {
+    /// Export name.
+    pub name: &'a str,
+    /// Human-readable description; may be empty.
+    pub description: &'a str,
+    /// Served only over TLS (see [`ExportDescriptor::tls_only`]): left out
+    /// of plaintext listings.
+    pub tls_only: bool,
 }
 
 /// The export namespace the handshake consults.
@@ -69,8 +104,8 @@ pub trait ExportCatalog {
     /// export. `None` means the export does not exist.
     fn lookup(&self, name: &str) -> Option<(ExportDescriptor, Self::Handle)>;
 
-    /// Call `f(name, description)` for every export to list.
-    fn list(&self, f: &mut dyn FnMut(&str, &str));
+    /// Call `f` for every export to list.
+    fn list(&self, f: &mut dyn FnMut(Listing<'_>));
 }
 
 /// The outcome of a finished handshake.
@@ -109,9 +144,30 @@ impl<H> Negotiated<H> {
     }
 }
 
-/// Something that ends the handshake.
+/// The server's TLS policy, fixed for the life of a connection (the
+/// protocol's NOTLS, SELECTIVETLS without TLS-only exports, FORCEDTLS).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS: `OPT_STARTTLS` gets `REP_ERR_POLICY`. Default.
+    #[default]
+    Off,
+    /// TLS offered: `OPT_STARTTLS` upgrades, plaintext clients are served
+    /// as without TLS.
+    Allowed,
+    /// TLS required: until the upgrade every option but `OPT_STARTTLS` and
+    /// `OPT_ABORT` gets `REP_ERR_TLS_REQD`, and `OPT_EXPORT_NAME` closes
+    /// the connection, so no plaintext client reaches an export.
+    Required,
+}
+
+/// Something that ends a [`Handshake::feed`] call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event<H> {
+    /// The client sent `OPT_STARTTLS` and it was acknowledged in the
+    /// output: flush the output, run the TLS handshake on the socket, call
+    /// [`Handshake::tls_established`], and feed the decrypted bytes from
+    /// then on. The handshake is not over.
+    StartTls,
     /// The client sent `OPT_ABORT` (already acknowledged in the output):
     /// flush the output, then close.
     Abort,
@@ -169,14 +225,35 @@ pub enum HandshakeError {
     /// `feed` was called after the handshake ended.
     #[error("the handshake already ended: hand further bytes to the transmission phase")]
     Finished,
+    /// `OPT_EXPORT_NAME` arrived before TLS on a server that requires
+    /// TLS, or named a TLS-only export; the option cannot be answered with
+    /// an error.
+    #[error(
+        "client chose an export with NBD_OPT_EXPORT_NAME without TLS, but the server or the export requires TLS: close the connection (connect with TLS, e.g. qemu's tls-creds object or an nbds:// URI)"
+    )]
+    TlsRequired,
+    /// `feed` was called after [`Event::StartTls`] but before
+    /// [`Handshake::tls_established`].
+    #[error(
+        "the TLS upgrade is pending: finish the TLS handshake and call tls_established before feeding more bytes"
+    )]
+    TlsPending,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     ClientFlags,
     OptionHeader,
-    OptionData { option: u32, len: usize },
-    Discard { option: u32, remaining: u32 },
+    OptionData {
+        option: u32,
+        len: usize,
+    },
+    Discard {
+        option: u32,
+        remaining: u32,
+    },
+    /// `STARTTLS` was acknowledged; waiting for the caller's upgrade.
+    StartTls,
     Done,
 }
 
@@ -194,9 +271,13 @@ pub struct Handshake {
     hdr_len: usize,
     data: Vec<u8>,
     no_zeroes: bool,
+    /// The client set `FLAG_C_FIXED_NEWSTYLE` (TLS needs it).
+    fixed: bool,
     structured: bool,
     options: u32,
     meta: Option<MetaSelection>,
+    tls: TlsPolicy,
+    tls_active: bool,
 }
 
 impl Default for Handshake {
@@ -206,17 +287,60 @@ impl Default for Handshake {
 }
 
 impl Handshake {
-    /// A handshake waiting for the client flags (after the greeting).
+    /// A handshake without TLS waiting for the client flags (after the
+    /// greeting).
     pub fn new() -> Self {
+        Self::with_tls(TlsPolicy::Off)
+    }
+
+    /// A handshake with the given TLS policy waiting for the client flags.
+    pub fn with_tls(tls: TlsPolicy) -> Self {
         Self {
             phase: Phase::ClientFlags,
             hdr: [0; OPTION_HEADER_LEN],
             hdr_len: 0,
             data: Vec::new(),
             no_zeroes: false,
+            fixed: false,
             structured: false,
             options: 0,
             meta: None,
+            tls,
+            tls_active: false,
+        }
+    }
+
+    /// The caller finished the TLS handshake after [`Event::StartTls`]:
+    /// option haggling resumes on the encrypted stream. Does nothing when
+    /// no upgrade is pending.
+    pub fn tls_established(&mut self) {
+        if self.phase == Phase::StartTls {
+            self.phase = Phase::OptionHeader;
+            self.tls_active = true;
+        }
+    }
+
+    /// Whether the connection was upgraded to TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Whether `option` must be refused because TLS is required and not
+    /// up yet.
+    fn tls_gate(&self, option: u32) -> bool {
+        self.tls == TlsPolicy::Required
+            && !self.tls_active
+            && option != OPT_STARTTLS
+            && option != OPT_ABORT
+    }
+
+    /// The refusal for a TLS-only export before TLS is up, if any.
+    fn export_gate(&self, desc: &ExportDescriptor) -> Option<u32> {
+        match (desc.tls_only && !self.tls_active, self.tls) {
+            (false, _) => None,
+            // NOTLS must never answer ERR_TLS_REQD.
+            (true, TlsPolicy::Off) => Some(REP_ERR_POLICY),
+            (true, _) => Some(REP_ERR_TLS_REQD),
         }
     }
 
@@ -253,6 +377,12 @@ impl Handshake {
                     }
                     break;
                 }
+                Phase::StartTls => {
+                    if pos == 0 {
+                        return Err(HandshakeError::TlsPending);
+                    }
+                    break;
+                }
                 Phase::ClientFlags => {
                     pos += self.fill_hdr(rest, 4);
                     if self.hdr_len == 4 {
@@ -269,6 +399,7 @@ impl Handshake {
                         // Clients without FIXED_NEWSTYLE only send EXPORT_NAME,
                         // which behaves the same either way.
                         self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+                        self.fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
                         self.phase = Phase::OptionHeader;
                     }
                 }
@@ -308,14 +439,18 @@ impl Handshake {
                     let remaining = remaining - take as u32;
                     if remaining == 0 {
                         self.phase = Phase::OptionHeader;
-                        reply_err(
-                            out,
-                            option,
-                            REP_ERR_TOO_BIG,
-                            &format!(
-                                "option data is longer than {MAX_OPTION_LEN} bytes; send a shorter request"
-                            ),
-                        );
+                        if self.tls_gate(option) {
+                            reply_tls_reqd(out, option);
+                        } else {
+                            reply_err(
+                                out,
+                                option,
+                                REP_ERR_TOO_BIG,
+                                &format!(
+                                    "option data is longer than {MAX_OPTION_LEN} bytes; send a shorter request"
+                                ),
+                            );
+                        }
                     } else {
                         self.phase = Phase::Discard { option, remaining };
                     }
@@ -351,6 +486,11 @@ impl Handshake {
         if self.options > MAX_OPTIONS {
             return Err(HandshakeError::TooManyOptions);
         }
+        if option == OPT_EXPORT_NAME && self.tls_gate(option) {
+            // Refused before its name is even read: a downgrade attempt
+            // never reaches the catalog.
+            return Err(HandshakeError::TlsRequired);
+        }
         if len > MAX_OPTION_LEN {
             if len > MAX_OPTION_DISCARD || option == OPT_EXPORT_NAME {
                 return Err(HandshakeError::OptionTooLong { option, len });
@@ -381,6 +521,10 @@ impl Handshake {
         out: &mut Vec<u8>,
     ) -> Result<Option<Event<C::Handle>>, HandshakeError> {
         tracing::trace!(option, len = data.len(), "handshake option");
+        if self.tls_gate(option) {
+            reply_tls_reqd(out, option);
+            return Ok(None);
+        }
         match option {
             OPT_EXPORT_NAME => return self.on_export_name(data, catalog, out).map(Some),
             OPT_ABORT => {
@@ -393,7 +537,12 @@ impl Handshake {
                 if !data.is_empty() {
                     reply_err(out, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                 } else {
-                    catalog.list(&mut |name, desc| {
+                    let hide_tls_only = !self.tls_active;
+                    catalog.list(&mut |l| {
+                        if l.tls_only && hide_tls_only {
+                            return;
+                        }
+                        let (name, desc) = (l.name, l.description);
                         let len = (name.len() as u32).to_be_bytes();
                         reply(
                             out,
@@ -405,23 +554,7 @@ impl Handshake {
                     reply(out, option, REP_ACK, &[]);
                 }
             }
-            OPT_STARTTLS => {
-                if !data.is_empty() {
-                    reply_err(
-                        out,
-                        option,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
-                } else {
-                    reply_err(
-                        out,
-                        option,
-                        REP_ERR_POLICY,
-                        "TLS is not configured on this server; connect without TLS",
-                    );
-                }
-            }
+            OPT_STARTTLS => return Ok(self.on_starttls(data, out)),
             OPT_INFO | OPT_GO => return Ok(self.on_info_go(option, data, catalog, out)),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -461,6 +594,49 @@ impl Handshake {
         Ok(None)
     }
 
+    fn on_starttls<H>(&mut self, data: &[u8], out: &mut Vec<u8>) -> Option<Event<H>> {
+        let option = OPT_STARTTLS;
+        if !data.is_empty() {
+            reply_err(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS takes no data",
+            );
+        } else if self.tls == TlsPolicy::Off {
+            reply_err(
+                out,
+                option,
+                REP_ERR_POLICY,
+                "TLS is not configured on this server; connect without TLS",
+            );
+        } else if !self.fixed {
+            // The protocol keeps clients without fixed newstyle in NOTLS.
+            reply_err(
+                out,
+                option,
+                REP_ERR_POLICY,
+                "TLS needs fixed newstyle: set NBD_FLAG_C_FIXED_NEWSTYLE",
+            );
+        } else if self.tls_active {
+            reply_err(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "TLS is already active on this connection",
+            );
+        } else {
+            reply(out, option, REP_ACK, &[]);
+            // Plaintext negotiation could have been injected by a man in
+            // the middle: the client renegotiates over TLS.
+            self.structured = false;
+            self.meta = None;
+            self.phase = Phase::StartTls;
+            return Some(Event::StartTls);
+        }
+        None
+    }
+
     fn on_export_name<C: ExportCatalog>(
         &mut self,
         data: &[u8],
@@ -472,6 +648,9 @@ impl Handshake {
         };
         let name = std::str::from_utf8(data).map_err(|_| unknown())?;
         let (desc, handle) = catalog.lookup(name).ok_or_else(unknown)?;
+        if self.export_gate(&desc).is_some() {
+            return Err(HandshakeError::TlsRequired);
+        }
         let flags = self.flags_for(&desc);
         out.extend_from_slice(&desc.size.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
@@ -546,6 +725,10 @@ impl Handshake {
             );
             return None;
         };
+        if let Some(code) = self.export_gate(&desc) {
+            reply_export_tls(out, option, code);
+            return None;
+        }
         let flags = self.flags_for(&desc);
         let mut info = [0u8; 12];
         info[0..2].copy_from_slice(&INFO_EXPORT.to_be_bytes());
@@ -636,6 +819,10 @@ impl Handshake {
             );
             return;
         };
+        if let Some(code) = self.export_gate(&desc) {
+            reply_export_tls(out, option, code);
+            return;
+        }
         let mut selected: Vec<MetaContext> = Vec::new();
         if queries.list.is_empty() {
             if mode == QueryMode::List {
@@ -784,6 +971,24 @@ fn reply(out: &mut Vec<u8>, option: u32, typ: u32, parts: &[&[u8]]) {
     for p in parts {
         out.extend_from_slice(p);
     }
+}
+
+fn reply_tls_reqd(out: &mut Vec<u8>, option: u32) {
+    reply_err(
+        out,
+        option,
+        REP_ERR_TLS_REQD,
+        "this server requires TLS: send NBD_OPT_STARTTLS first (qemu: tls-creds object; libnbd: nbds:// URI)",
+    );
+}
+
+fn reply_export_tls(out: &mut Vec<u8>, option: u32, code: u32) {
+    let msg = if code == REP_ERR_POLICY {
+        "this export is served only over TLS, which this server does not offer; ask its operator"
+    } else {
+        "this export is served only over TLS: send NBD_OPT_STARTTLS first (qemu: tls-creds object; libnbd: nbds:// URI)"
+    };
+    reply_err(out, option, code, msg);
 }
 
 fn reply_err(out: &mut Vec<u8>, option: u32, typ: u32, msg: &str) {

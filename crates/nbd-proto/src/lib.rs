@@ -15,9 +15,9 @@
 //! ```
 //!
 //! Scope: fixed newstyle only (no oldstyle), compact headers only
-//! (`OPT_EXTENDED_HEADERS` is answered with `REP_ERR_UNSUP`), no TLS
-//! (`OPT_STARTTLS` is answered with `REP_ERR_POLICY`). The constants for
-//! both extensions exist so they can be added without reshaping the API.
+//! (`OPT_EXTENDED_HEADERS` is answered with `REP_ERR_UNSUP`; its constants
+//! exist so it can be added without reshaping the API). TLS is negotiated
+//! here (`OPT_STARTTLS`, [`TlsPolicy`]) and run by the I/O layer.
 //!
 //! Every length or count read from the peer is checked against one of the
 //! `MAX_*` limits below before it is used; nothing here allocates more than
@@ -33,8 +33,8 @@ pub mod wire;
 
 pub use errno::NbdErrno;
 pub use handshake::{
-    BlockSize, Event, ExportCatalog, ExportDescriptor, Handshake, HandshakeError, Negotiated,
-    Progress,
+    BlockSize, Event, ExportCatalog, ExportDescriptor, Handshake, HandshakeError, Listing,
+    Negotiated, Progress, TlsPolicy,
 };
 pub use meta::{MetaContext, SelectedContext};
 pub use request::{Op, Request, RequestError, TransmissionInfo, ValidRequest, validate_request};

@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use understudy_nbd_proto::reply::*;
 use understudy_nbd_proto::wire::*;
 use understudy_nbd_proto::{
-    Handshake, MAX_REQUEST_LEN, NbdErrno, Op, Request, TransmissionInfo, validate_request,
+    Event, Handshake, MAX_REQUEST_LEN, NbdErrno, Op, Request, TlsPolicy, TransmissionInfo,
+    validate_request,
 };
 
 fn arb_request() -> impl Strategy<Value = Request> {
@@ -199,6 +200,120 @@ proptest! {
         let bytes_one = feed_bytewise(&cat, &input);
         prop_assert_eq!(&whole, &bytes_one);
     }
+
+    /// With every TLS policy, and export "b" TLS-only or not: no panic,
+    /// split invariance, and the TLS rules hold: under `Required` nothing
+    /// but refusals (and the STARTTLS or ABORT acknowledgement) leaves the
+    /// server before the upgrade and no export is entered without it; a
+    /// TLS-only export is never entered in plaintext; `ERR_TLS_REQD` never
+    /// appears after the upgrade, under `Off`, or without a reason; `Off`
+    /// never upgrades.
+    #[test]
+    fn handshake_tls_states(
+        policy in prop_oneof![Just(TlsPolicy::Off), Just(TlsPolicy::Allowed), Just(TlsPolicy::Required)],
+        opts in proptest::collection::vec((prop_oneof![1u32..12, Just(OPT_STARTTLS), any::<u32>()], prop_oneof![
+            Just(Vec::new()),
+            Just(info_go_data("a", &[INFO_NAME])),
+            Just(info_go_data("", &[])),
+            Just(info_go_data("b", &[])),
+            Just(b"b".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ]), 0..10),
+        body in proptest::collection::vec(any::<u8>(), 0..64),
+        split in any::<prop::sample::Index>(),
+        b_tls_only in any::<bool>(),
+    ) {
+        let mut cat = Catalog::two();
+        cat.exports[1].tls_only = b_tls_only;
+        let mut input = client_flags(FLAG_C_FIXED_NEWSTYLE).to_vec();
+        for (o, d) in &opts {
+            input.extend(encode_option(*o, d));
+        }
+        input.extend_from_slice(&body);
+        let whole = feed_tls(&cat, policy, &[&input]);
+        let at = split.index(input.len() + 1);
+        let parts = feed_tls(&cat, policy, &[&input[..at], &input[at..]]);
+        prop_assert_eq!(&whole, &parts);
+
+        let (out, _, outcome, tls_at) = whole;
+        let before = &out[..tls_at.unwrap_or(out.len())];
+        let after = &out[tls_at.unwrap_or(out.len())..];
+        if policy == TlsPolicy::Off {
+            prop_assert!(tls_at.is_none());
+        }
+        if b_tls_only && tls_at.is_none() {
+            prop_assert!(!outcome.contains("name: \"b\""), "TLS-only export in plaintext: {}", outcome);
+        }
+        if policy == TlsPolicy::Required {
+            if tls_at.is_none() {
+                prop_assert!(!outcome.starts_with("Transmission"), "{}", outcome);
+            }
+            for (h, _) in replies_lenient(before) {
+                let ok = h.typ & REP_FLAG_ERROR != 0
+                    || (h.typ == REP_ACK && (h.option == OPT_STARTTLS || h.option == OPT_ABORT));
+                prop_assert!(ok, "reply {:#x} to option {} before TLS", h.typ, h.option);
+            }
+        } else if policy == TlsPolicy::Off || !b_tls_only {
+            // Only a TLS-only export on a server offering TLS earns it.
+            prop_assert!(replies_lenient(before).iter().all(|(h, _)| h.typ != REP_ERR_TLS_REQD));
+        }
+        prop_assert!(replies_lenient(after).iter().all(|(h, _)| h.typ != REP_ERR_TLS_REQD));
+    }
+}
+
+/// Feed pieces with `policy`, upgrading at every `StartTls` (as if the TLS
+/// handshake succeeded), until another event or an error. Returns (output,
+/// consumed, outcome, output length at the upgrade).
+fn feed_tls(
+    cat: &Catalog,
+    policy: TlsPolicy,
+    pieces: &[&[u8]],
+) -> (Vec<u8>, usize, String, Option<usize>) {
+    let mut hs = Handshake::with_tls(policy);
+    let mut out = Vec::new();
+    let mut total = 0;
+    let mut tls_at = None;
+    for p in pieces {
+        let mut p: &[u8] = p;
+        while !p.is_empty() {
+            match hs.feed(p, cat, &mut out) {
+                Ok(pr) => {
+                    total += pr.consumed;
+                    p = &p[pr.consumed..];
+                    match pr.event {
+                        Some(Event::StartTls) => {
+                            assert!(tls_at.is_none(), "upgraded twice");
+                            tls_at = Some(out.len());
+                            hs.tls_established();
+                        }
+                        Some(ev) => {
+                            check_replies(&out);
+                            return (out, total, format!("{ev:?}"), tls_at);
+                        }
+                        None => {}
+                    }
+                }
+                Err(e) => return (out, 0, format!("{e}"), tls_at),
+            }
+        }
+    }
+    check_replies(&out);
+    (out, total, "pending".into(), tls_at)
+}
+
+/// Option replies of a stream, stopping at anything else (an
+/// `EXPORT_NAME` reply).
+fn replies_lenient(mut out: &[u8]) -> Vec<(OptionReplyHeader, Vec<u8>)> {
+    let mut v = Vec::new();
+    while out.len() >= 20 {
+        let Some(h) = parse_option_reply(out[..20].try_into().unwrap()) else {
+            break;
+        };
+        let end = 20 + h.length as usize;
+        v.push((h, out[20..end].to_vec()));
+        out = &out[end..];
+    }
+    v
 }
 
 /// Feed pieces in order until an event or error; return (output, consumed,

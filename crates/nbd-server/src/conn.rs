@@ -16,6 +16,9 @@
 //! waits retire. Replies may leave out of order; each goes out with one
 //! `write` under the writer lock so replies never interleave.
 //!
+//! After `NBD_OPT_STARTTLS` the reader and writer halves wrap one rustls
+//! session (`tls.rs`); the worker model above is unchanged.
+//!
 //! `ORDER` (the `understudy:order` extension) is the one request handled
 //! partly under the reader lock: the worker that read it waits until every
 //! write-like request this connection received earlier has been handed to
@@ -25,7 +28,7 @@
 //! a later one. Write tracking is only switched on for connections that
 //! negotiated the extension.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, MutexGuard, PoisonError};
@@ -37,14 +40,15 @@ use understudy_block::Epoch;
 use understudy_nbd_proto::wire::REQUEST_HEADER_LEN;
 use understudy_nbd_proto::{
     Event, Handshake, HandshakeError, MAX_REQUEST_LEN, NbdErrno, Negotiated, Op, Request,
-    RequestError, SelectedContext, TransmissionInfo, ValidRequest, validate_request,
+    RequestError, SelectedContext, TlsPolicy, TransmissionInfo, ValidRequest, validate_request,
 };
 
 use crate::dispatch::{self, ReplyBuf, Target, Worker};
 use crate::export::{Catalog, Export};
 use crate::server::{Shared, WORKER_STACK};
 use crate::stats::bump;
-use crate::stream::Stream;
+use crate::stream::{ReadHalf, Stream, WriteHalf};
+use crate::tls::{self, NbdTls, TlsError, TlsReader, TlsWriter};
 
 /// Read buffer per connection: several pipelined small requests (or one
 /// small write with its payload) per `read` system call.
@@ -71,6 +75,16 @@ pub(crate) enum ConnError {
     /// The client broke the handshake protocol.
     #[error("handshake refused")]
     Handshake(#[source] HandshakeError),
+    /// The upgrade to TLS after `NBD_OPT_STARTTLS` failed.
+    #[error("TLS upgrade failed")]
+    Tls(#[source] TlsError),
+}
+
+/// A connection's two directions during the handshake; both are replaced
+/// at the TLS upgrade.
+struct Link {
+    reader: BufReader<ReadHalf>,
+    writer: WriteHalf,
 }
 
 /// Lock, ignoring poisoning: nothing panics while holding these locks, and
@@ -87,10 +101,16 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// Serve one accepted connection until it ends.
-pub(crate) fn serve(shared: &Arc<Shared>, id: u64, mut stream: Stream) -> Result<(), ConnError> {
-    let mut reader =
-        BufReader::with_capacity(READ_BUFFER, stream.try_clone().map_err(ConnError::Setup)?);
-    let Some(neg) = handshake(shared, &mut stream, &mut reader)? else {
+pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: Stream) -> Result<(), ConnError> {
+    let control = stream.try_clone().map_err(ConnError::Setup)?;
+    let mut link = Link {
+        reader: BufReader::with_capacity(
+            READ_BUFFER,
+            ReadHalf::Plain(stream.try_clone().map_err(ConnError::Setup)?),
+        ),
+        writer: WriteHalf::Plain(stream),
+    };
+    let Some(neg) = handshake(shared, &control, &mut link)? else {
         tracing::debug!(conn = id, "client aborted the handshake");
         return Ok(());
     };
@@ -103,12 +123,13 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, mut stream: Stream) -> Result
         "entering transmission"
     );
     // Idle clients are legitimate; the read timeout only lets helper
-    // workers notice they are idle.
-    stream
+    // workers notice they are idle. (Timeouts belong to the socket, which
+    // every handle shares.)
+    link.reader.get_mut().set_deadline(None);
+    control
         .set_read_timeout(Some(shared.config.idle_worker_timeout))
-        .and_then(|()| stream.set_write_timeout(shared.config.write_timeout))
+        .and_then(|()| control.set_write_timeout(shared.config.write_timeout))
         .map_err(ConnError::Setup)?;
-    let control = stream.try_clone().map_err(ConnError::Setup)?;
     let conn = Arc::new(Conn {
         id,
         shared: shared.clone(),
@@ -116,8 +137,8 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, mut stream: Stream) -> Result
         export: neg.export,
         structured: neg.structured,
         contexts: neg.contexts,
-        reader: std::sync::Mutex::new(reader),
-        writer: std::sync::Mutex::new(stream),
+        reader: std::sync::Mutex::new(link.reader),
+        writer: std::sync::Mutex::new(link.writer),
         control,
         closing: AtomicBool::new(false),
         inflight_writes: Mutex::new(0),
@@ -133,16 +154,17 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, mut stream: Stream) -> Result
 
 fn handshake(
     shared: &Shared,
-    stream: &mut Stream,
-    reader: &mut BufReader<Stream>,
+    socket: &Stream,
+    link: &mut Link,
 ) -> Result<Option<Negotiated<Arc<Export>>>, ConnError> {
     let timeout = shared.config.handshake_timeout;
     let deadline = Instant::now() + timeout;
-    stream
+    socket
         .set_write_timeout(Some(timeout))
         .map_err(ConnError::Setup)?;
-    let mut hs = Handshake::new();
-    stream
+    let tls = shared.config.tls.as_ref();
+    let mut hs = Handshake::with_tls(tls.map_or(TlsPolicy::Off, NbdTls::policy));
+    link.writer
         .write_all(&hs.greeting())
         .map_err(ConnError::HandshakeIo)?;
     let catalog = Catalog(&shared.registry);
@@ -152,11 +174,10 @@ fn handshake(
         if left.is_zero() {
             return Err(ConnError::HandshakeTimeout);
         }
-        reader
-            .get_ref()
+        socket
             .set_read_timeout(Some(left))
             .map_err(ConnError::Setup)?;
-        let input = match reader.fill_buf() {
+        let input = match link.reader.fill_buf() {
             Ok([]) => return Err(ConnError::HandshakeEof),
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -166,17 +187,48 @@ fn handshake(
         let result = hs.feed(input, &catalog, &mut out);
         // Send what was produced even when the handshake failed.
         if !out.is_empty() {
-            stream.write_all(&out).map_err(ConnError::HandshakeIo)?;
+            link.writer
+                .write_all(&out)
+                .map_err(ConnError::HandshakeIo)?;
             out.clear();
         }
         let progress = result.map_err(ConnError::Handshake)?;
-        reader.consume(progress.consumed);
+        link.reader.consume(progress.consumed);
         match progress.event {
             None => {}
             Some(Event::Abort) => return Ok(None),
             Some(Event::Transmission(n)) => return Ok(Some(n)),
+            Some(Event::StartTls) => {
+                // The state machine only acknowledges STARTTLS with a policy.
+                let Some(tls) = tls else {
+                    return Err(ConnError::Tls(TlsError::NotConfigured));
+                };
+                upgrade(link, socket, &tls.config, deadline)?;
+                hs.tls_established();
+                bump(&shared.stats.tls_sessions, 1);
+            }
         }
     }
+}
+
+/// Run the TLS handshake and switch both halves of `link` to it.
+fn upgrade(
+    link: &mut Link,
+    socket: &Stream,
+    config: &Arc<rustls::ServerConfig>,
+    deadline: Instant,
+) -> Result<(), ConnError> {
+    // Bytes the client sent after STARTTLS (its ClientHello, when it did
+    // not wait for the ACK); at most READ_BUFFER.
+    let early = link.reader.buffer().to_vec();
+    let mut wsock = socket.try_clone().map_err(ConnError::Setup)?;
+    let session = tls::accept(config, &mut wsock, &early, deadline).map_err(ConnError::Tls)?;
+    let rsock = socket.try_clone().map_err(ConnError::Setup)?;
+    let mut reader = TlsReader::new(rsock, Arc::clone(&session));
+    reader.set_deadline(Some(deadline));
+    link.reader = BufReader::with_capacity(READ_BUFFER, ReadHalf::Tls(reader));
+    link.writer = WriteHalf::Tls(TlsWriter::new(wsock, session));
+    Ok(())
 }
 
 /// A write-like request in flight (see [`Conn::begin_write`]).
@@ -265,8 +317,8 @@ pub(crate) struct Conn {
     contexts: Vec<SelectedContext>,
     // std mutexes: futex-based with a short spin and no `sched_yield`,
     // which measured cheaper than parking_lot's spinning on 2 cores.
-    reader: std::sync::Mutex<BufReader<Stream>>,
-    writer: std::sync::Mutex<Stream>,
+    reader: std::sync::Mutex<BufReader<ReadHalf>>,
+    writer: std::sync::Mutex<WriteHalf>,
     /// A handle used only to shut the socket down.
     control: Stream,
     /// No more requests are read once set.
@@ -447,7 +499,7 @@ impl Conn {
                 payload,
                 end,
             } if end - payload >= SPLIT_SEND_MIN => {
-                s.write_split(&w.buf[start..payload], &w.buf[payload..end])
+                s.write_reply(&w.buf[start..end], payload - start)
             }
             // Small replies: one write, one segment.
             ReplyBuf::Buf { start, end, .. } => s.write_all(&w.buf[start..end]),
@@ -535,6 +587,9 @@ impl Conn {
                 let _ = h.join();
             }
         }
+        // A client that stopped reading must not hold the thread here.
+        let _ = self.control.set_write_timeout(Some(Duration::from_secs(1)));
+        lock(&self.writer).close_notify();
         self.control.shutdown(Shutdown::Both);
         tracing::debug!(conn = self.id, "connection closed");
     }

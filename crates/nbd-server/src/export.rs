@@ -9,7 +9,7 @@ use understudy_block::{Disk, Epoch};
 use understudy_nbd_proto::meta::QEMU_DIRTY_BITMAP_PREFIX;
 use understudy_nbd_proto::wire::*;
 use understudy_nbd_proto::{
-    BlockSize, ExportCatalog, ExportDescriptor, MAX_REQUEST_LEN, MetaContext,
+    BlockSize, ExportCatalog, ExportDescriptor, Listing, MAX_REQUEST_LEN, MetaContext,
 };
 
 /// Source of dirty-block information, offered to clients as
@@ -54,6 +54,10 @@ pub struct Export {
     /// Offer `understudy:order` and accept `CMD_ORDER` (writable exports
     /// only). `None` for disks without an epoch journal.
     pub ordering: Option<Arc<dyn OrderSupport>>,
+    /// Serve only to clients that upgraded to TLS, even when the server
+    /// also serves plaintext (`NbdTls::required == false`). Plaintext
+    /// clients get `NBD_REP_ERR_TLS_REQD` and do not see it listed.
+    pub tls_required: bool,
 }
 
 impl Export {
@@ -66,7 +70,14 @@ impl Export {
             read_only: false,
             dirty: None,
             ordering: None,
+            tls_required: false,
         }
+    }
+
+    /// Serve only over TLS (see [`Export::tls_required`]).
+    pub fn with_tls_required(mut self, tls_required: bool) -> Self {
+        self.tls_required = tls_required;
+        self
     }
 
     /// Set the description.
@@ -149,6 +160,7 @@ impl Export {
                 max: MAX_REQUEST_LEN,
             },
             contexts,
+            tls_only: self.tls_required,
         }
     }
 }
@@ -255,7 +267,7 @@ impl ExportCatalog for Catalog<'_> {
         Some((e.descriptor(), e))
     }
 
-    fn list(&self, f: &mut dyn FnMut(&str, &str)) {
+    fn list(&self, f: &mut dyn FnMut(Listing<'_>)) {
         let exports: Vec<Arc<Export>> = {
             let r = self.0.inner.read();
             let mut v: Vec<_> = r.exports.values().cloned().collect();
@@ -263,7 +275,11 @@ impl ExportCatalog for Catalog<'_> {
             v
         };
         for e in exports {
-            f(&e.name, &e.description);
+            f(Listing {
+                name: &e.name,
+                description: &e.description,
+                tls_only: e.tls_required,
+            });
         }
     }
 }

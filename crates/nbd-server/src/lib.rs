@@ -5,7 +5,7 @@
 //!        │ one thread per connection
 //!        ▼
 //!   handshake (deadline: handshake_timeout) ──► ExportRegistry (RwLock, handshake only)
-//!        │
+//!        │  optional STARTTLS: rustls session from ServerConfig::tls (tls.rs)
 //!        ▼
 //!   transmission: 1..=max_workers_per_connection workers share the socket
 //!        reader lock ─► validate ─► Disk I/O ─► writer lock (one write per reply)
@@ -39,6 +39,7 @@ mod export;
 mod server;
 mod stats;
 mod stream;
+mod tls;
 
 use std::io;
 use std::net::TcpListener;
@@ -48,6 +49,7 @@ use std::time::Duration;
 
 pub use export::{DirtyMapSource, Export, ExportRegistry, MemoryDirtyMap, OrderSupport};
 pub use stats::Stats;
+pub use tls::NbdTls;
 
 /// Server settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +73,10 @@ pub struct ServerConfig {
     /// On shutdown, time in-flight requests get to finish before sockets
     /// are cut. Default: 10 s.
     pub shutdown_grace: Duration,
+    /// NBD over TLS (`NBD_OPT_STARTTLS`): offered, or required of every
+    /// client. The TLS handshake counts against `handshake_timeout`.
+    /// Default: `None` (`STARTTLS` is refused with `NBD_REP_ERR_POLICY`).
+    pub tls: Option<NbdTls>,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +88,7 @@ impl Default for ServerConfig {
             write_timeout: Some(Duration::from_secs(60)),
             max_connections: 4096,
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

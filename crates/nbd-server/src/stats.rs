@@ -13,6 +13,8 @@ pub struct Stats {
     pub connections_rejected: u64,
     /// Handshakes that ended in an error or timeout.
     pub handshakes_failed: u64,
+    /// Connections upgraded to TLS (TLS handshake completed).
+    pub tls_sessions: u64,
     /// Server threads serving connections right now (one per connection
     /// plus helper workers; accept loops excluded).
     pub worker_threads: u64,
@@ -50,6 +52,7 @@ pub(crate) struct Counters {
     pub connections_active: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    pub tls_sessions: AtomicU64,
     pub worker_threads: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
@@ -77,6 +80,7 @@ impl Counters {
             connections_active: self.connections_active.load(Relaxed),
             connections_rejected: self.connections_rejected.load(Relaxed),
             handshakes_failed: self.handshakes_failed.load(Relaxed),
+            tls_sessions: self.tls_sessions.load(Relaxed),
             worker_threads: self.worker_threads.load(Relaxed),
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),

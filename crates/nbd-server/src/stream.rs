@@ -4,7 +4,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::tls::{TlsReader, TlsWriter};
 
 /// A connected stream socket.
 #[derive(Debug)]
@@ -110,5 +112,68 @@ impl Write for Stream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Where a connection's requests come from: the socket, or the TLS
+/// session on it.
+#[derive(Debug)]
+pub(crate) enum ReadHalf {
+    Plain(Stream),
+    Tls(TlsReader),
+}
+
+impl ReadHalf {
+    /// Bound reads by the handshake deadline (see `TlsReader`); plaintext
+    /// reads return whatever arrives, so the caller's own checks suffice.
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
+        if let ReadHalf::Tls(t) = self {
+            t.set_deadline(deadline);
+        }
+    }
+}
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ReadHalf::Plain(s) => s.read(buf),
+            ReadHalf::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+/// Where a connection's replies go: the socket, or the TLS session on it.
+#[derive(Debug)]
+pub(crate) enum WriteHalf {
+    Plain(Stream),
+    Tls(TlsWriter),
+}
+
+impl WriteHalf {
+    pub(crate) fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            WriteHalf::Plain(s) => s.write_all(buf),
+            WriteHalf::Tls(t) => t.write_all(buf),
+        }
+    }
+
+    /// A reply whose `header` and `payload` are contiguous in memory:
+    /// split on a plain socket (see [`Stream::write_split`]), one
+    /// encryption under TLS, where the split buys nothing.
+    pub(crate) fn write_reply(&mut self, whole: &[u8], header_len: usize) -> io::Result<()> {
+        match self {
+            WriteHalf::Plain(s) => {
+                let (header, payload) = whole.split_at(header_len);
+                s.write_split(header, payload)
+            }
+            WriteHalf::Tls(t) => t.write_all(whole),
+        }
+    }
+
+    /// End the TLS session cleanly before the socket closes.
+    pub(crate) fn close_notify(&mut self) {
+        if let WriteHalf::Tls(t) = self {
+            t.close_notify();
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use understudy_nbd_proto::reply::{OptionReplyHeader, parse_option_reply};
 use understudy_nbd_proto::wire::*;
-use understudy_nbd_proto::{BlockSize, ExportCatalog, ExportDescriptor, MetaContext};
+use understudy_nbd_proto::{BlockSize, ExportCatalog, ExportDescriptor, Listing, MetaContext};
 
 #[derive(Debug, Default)]
 pub struct Catalog {
@@ -28,6 +28,7 @@ pub fn desc(name: &str, size: u64, bitmaps: &[&str]) -> ExportDescriptor {
             max: 32 << 20,
         },
         contexts,
+        tls_only: false,
     }
 }
 
@@ -48,9 +49,13 @@ impl ExportCatalog for Catalog {
             .position(|e| e.name == name)
             .map(|i| (self.exports[i].clone(), i))
     }
-    fn list(&self, f: &mut dyn FnMut(&str, &str)) {
+    fn list(&self, f: &mut dyn FnMut(Listing<'_>)) {
         for e in &self.exports {
-            f(&e.name, &e.description);
+            f(Listing {
+                name: &e.name,
+                description: &e.description,
+                tls_only: e.tls_only,
+            });
         }
     }
 }
