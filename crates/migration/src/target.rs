@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 #[cfg(any(test, feature = "testing"))]
 use parking_lot::Mutex;
 use understudy_bitmap::{Persister, StoreError, StoreOptions};
-use understudy_block::{BlockError, Disk, Format};
+use understudy_block::{BlockError, Format};
 use understudy_journal::{FlushPolicy, JournalConfig};
 use understudy_peer::{Link, PeerConfig, PeerError, PeerListener};
 use understudy_stack::{ExportStack, ImageSource, StackError, StackSpec};
@@ -34,7 +34,7 @@ pub use receive::{Busy, receive};
 
 /// Wraps a freshly opened target disk (tests inject faults with it).
 #[cfg(any(test, feature = "testing"))]
-pub type DiskWrapper = Arc<dyn Fn(Arc<dyn Disk>) -> Arc<dyn Disk> + Send + Sync>;
+pub type DiskWrapper = understudy_stack::BlockWrapper;
 
 /// Settings of the receiving side.
 #[derive(Clone)]

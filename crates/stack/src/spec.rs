@@ -3,11 +3,10 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use understudy_bitmap::StoreOptions;
-use understudy_block::{Disk, Format};
+use understudy_block::Format;
 use understudy_journal::JournalConfig;
 
 use crate::StackError;
@@ -15,7 +14,11 @@ use crate::StackError;
 /// Wraps the block layer right after it is opened (tests inject faults
 /// with it; the journal and filter then sit above the wrapped disk).
 #[cfg(any(test, feature = "testing"))]
-pub type BlockWrapper = Arc<dyn Fn(Arc<dyn Disk>) -> Arc<dyn Disk> + Send + Sync>;
+pub type BlockWrapper = std::sync::Arc<
+    dyn Fn(std::sync::Arc<dyn understudy_block::Disk>) -> std::sync::Arc<dyn understudy_block::Disk>
+        + Send
+        + Sync,
+>;
 
 /// A named bitmap the export must have: created on the first open,
 /// reopened with its contents later.

@@ -63,6 +63,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
         persist_interval: std::time::Duration::from_secs(5),
         intent_extent: "64M".into(),
         workers: None,
+        tls: crate::nbd_tls::NbdTlsArgs {
+            mode: crate::nbd_tls::TlsMode::Off,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+        },
         migration: Default::default(),
         vm: Default::default(),
     };

@@ -6,6 +6,7 @@ mod demo;
 mod mem;
 mod migrate;
 mod nbd_client;
+mod nbd_tls;
 mod serve;
 mod spec;
 mod vm;
@@ -34,7 +35,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve disk images over NBD through the block filter.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Manage the dirty bitmaps of a running server.
     Bitmap {
         /// Control socket of the server.
@@ -171,7 +172,7 @@ fn init_logging(filter: &str, json: bool) {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Demo(args) => demo::run(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Mem { cmd } => mem::run(cmd),
