@@ -46,9 +46,10 @@ mod key;
 mod link;
 mod listener;
 mod stream;
+mod tls;
 pub mod wire;
 
-pub use config::PeerConfig;
+pub use config::{PeerAuth, PeerConfig};
 pub use error::PeerError;
 pub use frame::{Decoded, Opener, SealedFrame, Sealer};
 pub use handshake::{
@@ -58,6 +59,8 @@ pub use key::{KeyProblem, MAX_KEY_LEN, MIN_KEY_LEN, PeerKey, generate_key_file};
 pub use link::{Frame, Link, LinkReceiver, LinkSender, RESPONDER_PURPOSE};
 pub use listener::PeerListener;
 pub use stream::Stream;
+pub use tls::TlsPeer;
+pub use understudy_tls;
 pub use wire::{MsgType, Service, VersionRange, error_code};
 
 /// Result type of the peer link.
