@@ -91,6 +91,13 @@ pub enum PeerError {
         #[source]
         source: io::Error,
     },
+    /// Starting the listener's accept thread failed.
+    #[error("cannot start the peer accept thread: the process may be out of threads")]
+    AcceptThread {
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Starting the link's keepalive thread failed.
     #[error("cannot start the peer link's keepalive thread: the process may be out of threads")]
     KeepaliveThread {
@@ -153,17 +160,17 @@ pub enum PeerError {
     /// name, or the peer refused ours).
     #[error("TLS peer link refused")]
     Tls {
-        /// What failed.
+        /// What failed (boxed: it is large and rare).
         #[source]
-        source: understudy_tls::TlsError,
+        source: Box<understudy_tls::TlsError>,
     },
     /// Setting up TLS (loading certificates, building configurations)
     /// failed.
     #[error("cannot set up TLS for the peer link")]
     TlsSetup {
-        /// What failed.
+        /// What failed (boxed: it is large and rare).
         #[source]
-        source: understudy_tls::TlsError,
+        source: Box<understudy_tls::TlsError>,
     },
     /// We dialled one node and reached another.
     #[error(

@@ -57,7 +57,7 @@ pub use handshake::{
 };
 pub use key::{KeyProblem, MAX_KEY_LEN, MIN_KEY_LEN, PeerKey, generate_key_file};
 pub use link::{Frame, Link, LinkReceiver, LinkSender, RESPONDER_PURPOSE};
-pub use listener::PeerListener;
+pub use listener::{Acceptor, DEFAULT_MAX_HANDSHAKES, PeerListener};
 pub use stream::Stream;
 pub use tls::TlsPeer;
 pub use understudy_tls;

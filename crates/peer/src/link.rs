@@ -574,7 +574,9 @@ fn establish(
         && let Err(source) = understudy_tls::check_peer_name(chain, &peer)
     {
         // Over TLS the certificate must name the node the hello claims.
-        refused = Some(PeerError::Tls { source });
+        refused = Some(PeerError::Tls {
+            source: Box::new(source),
+        });
     }
     if refused.is_none()
         && let Some(exp) = expected
@@ -704,7 +706,7 @@ fn drive_handshake(
                 .into_inner()
                 .map(|r| r.downcast::<understudy_tls::TlsError>())
             {
-                Some(Ok(source)) => PeerError::Tls { source: *source },
+                Some(Ok(source)) => PeerError::Tls { source },
                 _ => PeerError::HandshakeClosed,
             }
         } else if matches!(

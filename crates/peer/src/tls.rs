@@ -68,7 +68,9 @@ impl TlsPeer {
     /// Build the configurations: TLS 1.3 only, client certificates required
     /// and checked against `ca`.
     pub fn new(identity: Identity, ca: Ca) -> Result<TlsPeer, PeerError> {
-        let setup = |source| PeerError::TlsSetup { source };
+        let setup = |e| PeerError::TlsSetup {
+            source: Box::new(e),
+        };
         let server = understudy_tls::server_config(&identity, Some(&ca)).map_err(setup)?;
         let client_expected = understudy_tls::client_config(&ca, Some(&identity)).map_err(setup)?;
         let client_any =
@@ -85,7 +87,9 @@ impl TlsPeer {
     /// Load this node's certificate (`NODE.pem`), key (`NODE-key.pem`) and
     /// the cluster CA (`ca.pem`).
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<TlsPeer, PeerError> {
-        let setup = |source| PeerError::TlsSetup { source };
+        let setup = |e| PeerError::TlsSetup {
+            source: Box::new(e),
+        };
         let identity = understudy_tls::load_identity(cert, key).map_err(setup)?;
         let ca = understudy_tls::load_ca(ca).map_err(setup)?;
         TlsPeer::new(identity, ca)
@@ -154,8 +158,8 @@ pub(crate) fn handshake(
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>())
         .filter(|c| !c.is_empty())
-        .ok_or(PeerError::Tls {
-            source: TlsError::NoPeerCertificate,
+        .ok_or_else(|| PeerError::Tls {
+            source: Box::new(TlsError::NoPeerCertificate),
         })?;
     let secret = conn
         .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
@@ -172,7 +176,7 @@ pub(crate) fn handshake(
 
 fn tls_err(e: understudy_tls::rustls::Error, expected: Option<&str>) -> PeerError {
     PeerError::Tls {
-        source: understudy_tls::classify(e, expected),
+        source: Box::new(understudy_tls::classify(e, expected)),
     }
 }
 
@@ -233,12 +237,36 @@ fn drive(
             return Err(PeerError::HandshakeClosed);
         }
         if let Err(e) = conn.process_new_packets() {
-            // Tell the peer why (the alert rustls queued), best effort.
-            let _ = conn.write_tls(io);
+            say_why(conn, io);
             return Err(tls_err(e, expected));
         }
     }
 }
+
+/// Send the alert rustls queued, so the peer learns why (best effort),
+/// then read and drop what it already sent for a moment: closing a socket
+/// with unread data makes the kernel send a reset, which can destroy the
+/// alert before the peer reads it.
+fn say_why(conn: &mut Connection, io: &mut Box<dyn Stream>) {
+    let _ = io.set_write_timeout(Some(LINGER));
+    while conn.wants_write() {
+        if conn.write_tls(io).is_err() {
+            return;
+        }
+    }
+    let _ = io.shutdown(Shutdown::Write);
+    let _ = io.set_read_timeout(Some(LINGER));
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(io.read(&mut sink), Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+/// How long [`say_why`] waits on the peer: short, so a refused client
+/// cannot hold the accepting thread.
+const LINGER: Duration = Duration::from_millis(200);
 
 /// The first three bytes (a TLS record header starts with content type
 /// and major version), each read under the deadline.
@@ -361,6 +389,7 @@ impl Read for TlsStream {
             return Ok(0);
         }
         loop {
+            let fed = self.start < self.end;
             let queued = {
                 let mut conn = lock(&self.shared.conn)?;
                 match conn.reader().read(buf) {
@@ -368,7 +397,7 @@ impl Read for TlsStream {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-                if self.start < self.end {
+                if fed {
                     let mut pending = &self.raw[self.start..self.end];
                     self.start += conn.read_tls(&mut pending)?;
                     if let Err(e) = conn.process_new_packets() {
@@ -377,15 +406,14 @@ impl Read for TlsStream {
                             understudy_tls::classify(e, None),
                         ));
                     }
-                    conn.wants_write()
-                } else {
-                    false
                 }
+                conn.wants_write()
             };
             if queued {
                 self.flush_queued()?;
             }
-            if self.start < self.end || queued {
+            if fed {
+                // Serve what that decrypted (or feed the rest) first.
                 continue;
             }
             // Nothing buffered: wait for the network, holding no lock.

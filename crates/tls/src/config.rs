@@ -217,7 +217,7 @@ pub fn classify(err: Error, expected: Option<&str>) -> TlsError {
             },
             CertificateError::NotValidForNameContext { presented, .. } => CertProblem::WrongName {
                 expected,
-                presented: presented.clone(),
+                presented: presented.iter().map(|p| bare_name(p)).collect(),
             },
             other => CertProblem::Other(format!("{other:?}")),
         },
@@ -230,6 +230,15 @@ pub fn classify(err: Error, expected: Option<&str>) -> TlsError {
         source => return TlsError::Handshake { source },
     };
     TlsError::PeerCertificate { problem }
+}
+
+/// rustls describes presented names as `DnsName("node-b")`: keep the name.
+fn bare_name(presented: &str) -> String {
+    presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|s| s.strip_suffix("\")"))
+        .unwrap_or(presented)
+        .to_string()
 }
 
 fn is_certificate_alert(alert: AlertDescription) -> bool {
