@@ -510,3 +510,101 @@ impl TlsStream {
         io.write_all(&out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    use understudy_tls::certs::{self, IssueOptions};
+
+    use super::*;
+
+    fn peer(dir: &Path, node: &str) -> TlsPeer {
+        TlsPeer::load(
+            &certs::cert_path(dir, node),
+            &certs::key_path(dir, node),
+            &dir.join("ca.pem"),
+        )
+        .unwrap()
+    }
+
+    fn pair() -> (TlsStream, TlsStream) {
+        let t = tempfile::tempdir().unwrap();
+        certs::init_ca(t.path()).unwrap();
+        for n in ["node-a", "node-b"] {
+            certs::issue(t.path(), n, &IssueOptions::default()).unwrap();
+        }
+        let (a, b) = (peer(t.path(), "node-a"), peer(t.path(), "node-b"));
+        let (sa, sb) = UnixStream::pair().unwrap();
+        let timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        let server = thread::spawn(move || {
+            handshake(Box::new(sb), &b, Role::Responder, None, deadline, timeout)
+        });
+        let c = handshake(
+            Box::new(sa),
+            &a,
+            Role::Initiator,
+            Some("node-b"),
+            deadline,
+            timeout,
+        )
+        .unwrap();
+        let s = server.join().unwrap().unwrap();
+        assert_eq!(
+            understudy_tls::peer_names(&s.chain[0]),
+            vec!["node-a".to_string()]
+        );
+        (c.stream, s.stream)
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    /// Send `n` chunks through `w` while the other side reads them, with a
+    /// key update requested by `updater` halfway.
+    fn pump(w: &mut TlsStream, r: &mut dyn Stream, seed: u8, updater: &Shared) {
+        let chunk = pattern(seed, 300_000);
+        thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = vec![0u8; chunk.len()];
+                for _ in 0..8 {
+                    r.read_exact(&mut buf).unwrap();
+                    assert!(buf == chunk);
+                }
+            });
+            for i in 0..8 {
+                if i == 4 {
+                    updater.conn.lock().unwrap().refresh_traffic_keys().unwrap();
+                }
+                w.write_all(&chunk).unwrap();
+            }
+        });
+    }
+
+    #[test]
+    fn key_updates_mid_stream_keep_both_directions_working() {
+        let (mut c, mut s) = pair();
+        let mut c_rx = c.try_clone_stream().unwrap();
+        let mut s_rx = s.try_clone_stream().unwrap();
+        let (cs, ss) = (Arc::clone(&c.shared), Arc::clone(&s.shared));
+        thread::scope(|scope| {
+            // Both directions at once; each side asks the other for a key
+            // update mid-stream, which the other's reader must answer.
+            scope.spawn(|| pump(&mut c, &mut *s_rx, 1, &cs));
+            scope.spawn(|| pump(&mut s, &mut *c_rx, 2, &ss));
+        });
+    }
+
+    #[test]
+    fn close_notify_ends_the_peer_reader_cleanly() {
+        let (c, mut s) = pair();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap(), 0);
+    }
+}
