@@ -45,16 +45,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{frames} frames of 1 MiB per run");
     for round in 1..=3 {
         for (name, source, target) in &modes {
+            let cpu0 = cpu_seconds();
             let took = run(&data, frames, source.clone(), target.clone())?;
+            let cpu = cpu_seconds() - cpu0;
             let mb = (frames * FRAME) as f64 / 1e6;
             println!(
-                "round {round} {name:<8} {:>8.1} MB/s ({:.2} s)",
+                "round {round} {name:<8} {:>8.1} MB/s ({:.2} s wall, {:.2} s CPU: {:.0} MB per CPU-second)",
                 mb / took.as_secs_f64(),
-                took.as_secs_f64()
+                took.as_secs_f64(),
+                cpu,
+                mb / cpu.max(0.01)
             );
         }
     }
     Ok(())
+}
+
+/// CPU time of this process (both ends of the link), from /proc: a
+/// steadier measure than wall time on a shared machine. 0 if unavailable.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which ends with ')'): utime and stime
+    // are the 12th and 13th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
 }
 
 fn run(

@@ -383,38 +383,58 @@ impl TlsStream {
     }
 }
 
+impl TlsStream {
+    /// Under one hold of the lock, hand out plaintext, feeding buffered
+    /// raw bytes to rustls as needed, until `buf` is full or the raw bytes
+    /// are used up. Returns what to return from `read` (if anything: 0 is
+    /// the peer's close_notify) and whether rustls has output queued.
+    fn decrypt_into(&mut self, buf: &mut [u8]) -> io::Result<(Option<usize>, bool)> {
+        let mut conn = lock(&self.shared.conn)?;
+        let mut filled = 0;
+        loop {
+            match conn.reader().read(&mut buf[filled..]) {
+                Ok(0) if filled == 0 => return Ok((Some(0), conn.wants_write())),
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) if filled > 0 => break,
+                Err(e) => return Err(e),
+            }
+            if self.start == self.end {
+                break;
+            }
+            // The plaintext buffer is empty here (the read above drained
+            // it into `buf`), so rustls takes more.
+            let mut pending = &self.raw[self.start..self.end];
+            self.start += conn.read_tls(&mut pending)?;
+            if let Err(e) = conn.process_new_packets() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    understudy_tls::classify(e, None),
+                ));
+            }
+        }
+        Ok(((filled > 0).then_some(filled), conn.wants_write()))
+    }
+}
+
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
         loop {
-            let fed = self.start < self.end;
-            let queued = {
-                let mut conn = lock(&self.shared.conn)?;
-                match conn.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-                if fed {
-                    let mut pending = &self.raw[self.start..self.end];
-                    self.start += conn.read_tls(&mut pending)?;
-                    if let Err(e) = conn.process_new_packets() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            understudy_tls::classify(e, None),
-                        ));
-                    }
-                }
-                conn.wants_write()
-            };
+            let (got, queued) = self.decrypt_into(buf)?;
             if queued {
                 self.flush_queued()?;
             }
-            if fed {
-                // Serve what that decrypted (or feed the rest) first.
-                continue;
+            if let Some(n) = got {
+                return Ok(n);
             }
             // Nothing buffered: wait for the network, holding no lock.
             self.raw.resize(RAW_READ, 0);
