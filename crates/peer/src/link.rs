@@ -564,7 +564,12 @@ fn establish(
     let (link, chain) = match handshake(stream, cfg, role, purpose, expected, deadline) {
         Ok(done) => done,
         Err(e) => {
-            tracing::warn!(remote = %remote, role = ?role, error = %e, "peer handshake failed");
+            tracing::warn!(
+                remote = %remote,
+                role = ?role,
+                error = %error_chain(&e),
+                "peer handshake failed"
+            );
             return Err(e);
         }
     };
@@ -588,7 +593,12 @@ fn establish(
         });
     }
     if let Some(e) = refused {
-        tracing::warn!(remote = %remote, role = ?role, error = %e, "peer handshake failed");
+        tracing::warn!(
+            remote = %remote,
+            role = ?role,
+            error = %error_chain(&e),
+            "peer handshake failed"
+        );
         // Tell the peer why before hanging up, best effort.
         let _ = link.send_error(crate::wire::error_code::REFUSED, &e.to_string());
         let _ = link.tx.close("refused");
@@ -603,6 +613,19 @@ fn establish(
         "peer link established"
     );
     Ok(link)
+}
+
+/// An error and its sources on one line, for logs (TLS errors say what was
+/// wrong with which certificate in their source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 /// The handshake proper: transport, hello exchange, link halves.
