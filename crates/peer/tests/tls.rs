@@ -354,3 +354,23 @@ fn hundreds_of_idle_connections_do_not_stop_a_real_peer() {
     );
     drop(idle);
 }
+
+#[test]
+fn connect_to_node_checks_the_hello_in_psk_mode_too() {
+    let (addr, h) = serve_one(common::cfg("psk-b", 0));
+    let e = Link::connect_to_node(&addr, "psk-c", &common::cfg("psk-a", 0), "migrate").unwrap_err();
+    assert!(
+        matches!(&e, PeerError::UnexpectedPeer { expected, got } if expected == "psk-c" && got == "psk-b"),
+        "{e:?}"
+    );
+    // The listener is told why.
+    let mut server = h.join().unwrap().unwrap();
+    match server.recv().unwrap_err() {
+        PeerError::Remote { message, .. } => assert!(message.contains("psk-c"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let (addr, h) = serve_one(common::cfg("psk-b", 0));
+    let ok = Link::connect_to_node(&addr, "psk-b", &common::cfg("psk-a", 0), "migrate").unwrap();
+    assert_eq!(ok.peer().node_id, "psk-b");
+    h.join().unwrap().unwrap();
+}
