@@ -1,20 +1,57 @@
 //! Link configuration.
 
+use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::error::PeerError;
 use crate::key::PeerKey;
+use crate::tls::TlsPeer;
 use crate::wire::{self, DEFAULT_MAX_PAYLOAD, MAX_MAX_PAYLOAD, MIN_MAX_PAYLOAD};
+
+/// How the two ends of a link prove who they are.
+#[derive(Clone)]
+pub enum PeerAuth {
+    /// A pre-shared key: both ends prove the key, every frame carries a
+    /// keyed MAC. Authenticated and integrity-checked, NOT encrypted:
+    /// anyone on the network path can read every disk block and memory
+    /// page.
+    Psk(PeerKey),
+    /// TLS 1.3 with mutual certificate authentication: encrypted, and each
+    /// end's certificate must chain to the cluster CA and name its node id.
+    Tls(Box<TlsPeer>),
+}
+
+impl PeerAuth {
+    /// Words for logs.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            PeerAuth::Psk(_) => "pre-shared key: authenticated, NOT encrypted",
+            PeerAuth::Tls(_) => "TLS 1.3, mutual certificates: encrypted and authenticated",
+        }
+    }
+}
+
+impl fmt::Debug for PeerAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAuth::Psk(_) => f.write_str("Psk(<key redacted>; authenticated, NOT encrypted)"),
+            PeerAuth::Tls(t) => f.debug_tuple("Tls").field(t).finish(),
+        }
+    }
+}
 
 /// Settings shared by every link a daemon opens or accepts.
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
     /// This node's id, announced in the hello and checked against the
-    /// peer's (two nodes with one id are refused).
-    /// Default: a random UUID (version 4) made by [`PeerConfig::new`].
+    /// peer's (two nodes with one id are refused). Over TLS it must be a
+    /// name in our certificate, because the peer checks that.
+    /// Default: a random UUID (version 4) made by [`PeerConfig::new`]; the
+    /// certificate's first name with [`PeerConfig::with_tls`].
     pub node_id: String,
-    /// The pre-shared key. No default.
-    pub key: PeerKey,
+    /// How the peers authenticate. No default.
+    pub auth: PeerAuth,
     /// Largest frame payload we accept (and announce).
     /// Default: 16 MiB + 64 KiB ([`DEFAULT_MAX_PAYLOAD`]); allowed
     /// 4 KiB..=256 MiB.
@@ -41,11 +78,34 @@ pub struct PeerConfig {
 }
 
 impl PeerConfig {
-    /// Defaults with a random node id.
+    /// Pre-shared-key mode (authenticated, NOT encrypted), defaults, a
+    /// random node id.
     pub fn new(key: PeerKey) -> Result<PeerConfig, PeerError> {
+        PeerConfig::with_auth(random_uuid()?, PeerAuth::Psk(key))
+    }
+
+    /// TLS mode, defaults; the node id is the certificate's first name.
+    pub fn with_tls(tls: TlsPeer) -> Result<PeerConfig, PeerError> {
+        let node_id = tls.node_name().ok_or_else(|| PeerError::Config {
+            reason: format!(
+                "the certificate {} names no node (no DNS subject alternative name): issue it \
+                 with `understudy certs issue NODE`",
+                tls.identity().cert_path.display()
+            ),
+        })?;
+        PeerConfig::with_auth(node_id, PeerAuth::Tls(Box::new(tls)))
+    }
+
+    /// TLS mode from the three files `serve --peer-tls-cert/-key/-ca`
+    /// name: this node's certificate and key, and the cluster CA.
+    pub fn from_tls_files(cert: &Path, key: &Path, ca: &Path) -> Result<PeerConfig, PeerError> {
+        PeerConfig::with_tls(TlsPeer::load(cert, key, ca)?)
+    }
+
+    fn with_auth(node_id: String, auth: PeerAuth) -> Result<PeerConfig, PeerError> {
         Ok(PeerConfig {
-            node_id: random_uuid()?,
-            key,
+            node_id,
+            auth,
             max_payload: DEFAULT_MAX_PAYLOAD,
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
@@ -60,6 +120,20 @@ impl PeerConfig {
         let bad = |reason: String| Err(PeerError::Config { reason });
         if let Err(e) = wire::check_node_id(&self.node_id) {
             return bad(e.to_string());
+        }
+        if let PeerAuth::Tls(t) = &self.auth
+            && !t
+                .names()
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(&self.node_id))
+        {
+            return bad(format!(
+                "node id {:?} is not a name in our certificate {} (it names {:?}), so peers \
+                 would refuse us: use the certificate's name as the node id",
+                self.node_id,
+                t.identity().cert_path.display(),
+                t.names()
+            ));
         }
         if !(MIN_MAX_PAYLOAD..=MAX_MAX_PAYLOAD).contains(&self.max_payload) {
             return bad(format!(

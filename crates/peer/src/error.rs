@@ -91,6 +91,13 @@ pub enum PeerError {
         #[source]
         source: io::Error,
     },
+    /// Starting the listener's accept thread failed.
+    #[error("cannot start the peer accept thread: the process may be out of threads")]
+    AcceptThread {
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Starting the link's keepalive thread failed.
     #[error("cannot start the peer link's keepalive thread: the process may be out of threads")]
     KeepaliveThread {
@@ -128,6 +135,53 @@ pub enum PeerError {
     BadMagic {
         /// The eight bytes received.
         got: [u8; 8],
+    },
+    /// We use the pre-shared-key link but the peer started a TLS handshake.
+    #[error(
+        "peer started a TLS handshake but this daemon runs the pre-shared-key link \
+         (authenticated, NOT encrypted): configure both daemons with TLS certificates \
+         (--peer-tls-cert/--peer-tls-key/--peer-tls-ca) or both with --peer-key"
+    )]
+    PeerSpeaksTls,
+    /// We use TLS but the peer sent something else first.
+    #[error(
+        "peer did not start a TLS handshake (it sent {got:02x?}{hint}): configure both daemons \
+         with TLS certificates (--peer-tls-cert/--peer-tls-key/--peer-tls-ca) or both with \
+         --peer-key"
+    )]
+    NotTls {
+        /// The first bytes received.
+        got: Vec<u8>,
+        /// What they look like, in words.
+        hint: &'static str,
+    },
+    /// The TLS handshake or a certificate check failed. The source says
+    /// which certificate was wrong and how (expired, unknown CA, wrong
+    /// name, or the peer refused ours).
+    #[error("TLS peer link refused")]
+    Tls {
+        /// What failed (boxed: it is large and rare).
+        #[source]
+        source: Box<understudy_tls::TlsError>,
+    },
+    /// Setting up TLS (loading certificates, building configurations)
+    /// failed.
+    #[error("cannot set up TLS for the peer link")]
+    TlsSetup {
+        /// What failed (boxed: it is large and rare).
+        #[source]
+        source: Box<understudy_tls::TlsError>,
+    },
+    /// We dialled one node and reached another.
+    #[error(
+        "connected to node {got:?} but expected {expected:?}: check the address, or which node \
+         should be there"
+    )]
+    UnexpectedPeer {
+        /// The node we dialled.
+        expected: String,
+        /// The node that answered.
+        got: String,
     },
     /// The peer's hello is malformed.
     #[error("peer sent a malformed hello ({reason}): check that it runs a compatible release")]
@@ -294,6 +348,10 @@ impl PeerError {
                 | PeerError::SelfConnection { .. }
                 | PeerError::BadMagic { .. }
                 | PeerError::MalformedHello { .. }
+                | PeerError::PeerSpeaksTls
+                | PeerError::NotTls { .. }
+                | PeerError::Tls { .. }
+                | PeerError::UnexpectedPeer { .. }
         )
     }
 }

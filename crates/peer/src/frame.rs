@@ -12,6 +12,13 @@
 //! 3. the 16-byte MAC over header and payload.
 //!
 //! Any failure kills the opener: later calls return [`PeerError::LinkDead`].
+//!
+//! Over TLS the transport already authenticates every byte (AEAD), so the
+//! frame MAC is not computed: the 16 MAC bytes are sent as zeros and must
+//! be zeros on receipt, keeping one frame format for both modes. The header
+//! check and the sequence numbers stay (cheap, and they catch framing
+//! bugs); payload checksums are the services' own (migration's xxh3 per
+//! extent).
 
 use crate::error::PeerError;
 use crate::wire::{FrameHeader, HEADER_CHECK_LEN, HEADER_LEN, MAC_LEN};
@@ -72,6 +79,8 @@ pub struct Sealer {
     keys: DirectionKeys,
     next_seq: u64,
     peer_max_payload: u32,
+    /// False over TLS: the MAC bytes are zeros.
+    mac: bool,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -89,7 +98,13 @@ impl Sealer {
             keys,
             next_seq: 0,
             peer_max_payload,
+            mac: true,
         }
+    }
+
+    /// Stop computing frame MACs: the transport (TLS) authenticates.
+    pub(crate) fn transport_authenticated(&mut self) {
+        self.mac = false;
     }
 
     /// Sequence number the next frame will carry.
@@ -133,7 +148,11 @@ impl Sealer {
         let mut header = [0u8; HEADER_LEN];
         header[..16].copy_from_slice(&fields);
         header[16..].copy_from_slice(&header_check(&self.keys, &fields));
-        let mac = frame_mac(&self.keys, &header, parts.iter().copied());
+        let mac = if self.mac {
+            frame_mac(&self.keys, &header, parts.iter().copied())
+        } else {
+            [0u8; MAC_LEN]
+        };
         Ok(SealedFrame { header, mac })
     }
 
@@ -170,6 +189,8 @@ pub struct Opener {
     next_seq: u64,
     max_payload: u32,
     dead: bool,
+    /// False over TLS: the MAC bytes must be zeros.
+    mac: bool,
     /// Header accepted by [`Opener::open_header`], waiting for its payload.
     pending: Option<[u8; HEADER_LEN]>,
 }
@@ -191,8 +212,14 @@ impl Opener {
             next_seq: 0,
             max_payload,
             dead: false,
+            mac: true,
             pending: None,
         }
+    }
+
+    /// Stop checking frame MACs: the transport (TLS) authenticates.
+    pub(crate) fn transport_authenticated(&mut self) {
+        self.mac = false;
     }
 
     /// Sequence number the next frame must carry.
@@ -280,7 +307,12 @@ impl Opener {
                 reason: "payload length differs from the header".into(),
             });
         }
-        if !ct_eq(&frame_mac(&self.keys, &header, [payload]), mac) {
+        let ok = if self.mac {
+            ct_eq(&frame_mac(&self.keys, &header, [payload]), mac)
+        } else {
+            *mac == [0u8; MAC_LEN]
+        };
+        if !ok {
             return self.fail(PeerError::Integrity { seq: self.next_seq });
         }
         self.next_seq += 1;

@@ -56,7 +56,9 @@ pub enum KeyProblem {
     },
 }
 
-/// A pre-shared key. Both sides of a link must hold the same one.
+/// A pre-shared key. Both sides of a link must hold the same one. A PSK
+/// link is authenticated and integrity-checked, NOT encrypted; use
+/// [`crate::PeerAuth::Tls`] to encrypt.
 ///
 /// Only a 32-byte digest of the key material is kept in memory. `Debug`
 /// never prints key bytes.

@@ -14,10 +14,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::config::PeerConfig;
+use crate::config::{PeerAuth, PeerConfig};
 use crate::error::PeerError;
 use crate::frame::{Opener, Sealer};
 use crate::handshake::{Handshake, HandshakeParams, PeerHello, Role, random_nonce};
+use crate::key::PeerKey;
 use crate::stream::{Stream, is_timeout};
 use crate::wire::{self, HEADER_LEN, MAC_LEN, MAX_CONTROL_TEXT, MsgType, Service, truncate_utf8};
 
@@ -47,10 +48,30 @@ pub struct Link {
 impl Link {
     /// Connect to `addr` (`host:port`, or `unix:/path`) and authenticate.
     /// `purpose` names the service wanted (for example `migrate`).
+    ///
+    /// Any node the key (PSK) or the CA (TLS) admits is accepted; over TLS
+    /// its certificate must name the node id in its hello. The
+    /// authenticated node id is [`Link::peer`]`().node_id`: check it, or
+    /// use [`Link::connect_to_node`] when you know whom you dial.
     pub fn connect(addr: &str, cfg: &PeerConfig, purpose: &str) -> Result<Link, PeerError> {
         cfg.validate()?;
         let stream = connect_stream(addr, cfg.connect_timeout)?;
         Link::connect_stream(stream, cfg, purpose)
+    }
+
+    /// Like [`Link::connect`], but the peer must be node `node`: over TLS
+    /// its certificate must name `node` (checked during the handshake,
+    /// before we present anything but our certificate); in both modes its
+    /// hello must announce `node`, else [`PeerError::UnexpectedPeer`].
+    pub fn connect_to_node(
+        addr: &str,
+        node: &str,
+        cfg: &PeerConfig,
+        purpose: &str,
+    ) -> Result<Link, PeerError> {
+        cfg.validate()?;
+        let stream = connect_stream(addr, cfg.connect_timeout)?;
+        establish(stream, cfg, Role::Initiator, purpose, Some(node))
     }
 
     /// Authenticate as the initiator over an already connected stream.
@@ -59,13 +80,14 @@ impl Link {
         cfg: &PeerConfig,
         purpose: &str,
     ) -> Result<Link, PeerError> {
-        establish(stream, cfg, Role::Initiator, purpose)
+        establish(stream, cfg, Role::Initiator, purpose, None)
     }
 
     /// Authenticate as the responder over an accepted stream. The peer's
-    /// hello (node id, purpose, version) is in [`Link::peer`].
+    /// hello (node id, purpose, version) is in [`Link::peer`]; over TLS
+    /// that node id is one its certificate names.
     pub fn accept(stream: Box<dyn Stream>, cfg: &PeerConfig) -> Result<Link, PeerError> {
-        establish(stream, cfg, Role::Responder, RESPONDER_PURPOSE)
+        establish(stream, cfg, Role::Responder, RESPONDER_PURPOSE, None)
     }
 
     /// Two links connected to each other over a Unix socket pair, for tests
@@ -483,21 +505,144 @@ pub(crate) fn connect_stream(addr: &str, timeout: Duration) -> Result<Box<dyn St
     Err(err(last))
 }
 
+/// A transport ready for the hello exchange: the stream, the key the
+/// exchange proves, and (over TLS) the peer's verified chain.
+struct Transport {
+    stream: Box<dyn Stream>,
+    key: PeerKey,
+    chain: Option<Chain>,
+}
+
+/// A peer's verified certificate chain, end-entity first.
+type Chain = Vec<understudy_tls::rustls::pki_types::CertificateDer<'static>>;
+
+/// Wrap `stream` in TLS when configured. Over TLS the hello exchange runs
+/// on keying material exported from the TLS session, so its proofs bind
+/// the hellos to the session both certificates authenticated.
+fn transport(
+    stream: Box<dyn Stream>,
+    cfg: &PeerConfig,
+    role: Role,
+    expected: Option<&str>,
+    deadline: Instant,
+) -> Result<Transport, PeerError> {
+    match &cfg.auth {
+        PeerAuth::Psk(key) => Ok(Transport {
+            stream,
+            key: key.clone(),
+            chain: None,
+        }),
+        PeerAuth::Tls(tls) => {
+            let est = crate::tls::handshake(
+                stream,
+                tls,
+                role,
+                expected,
+                deadline,
+                cfg.handshake_timeout,
+            )?;
+            Ok(Transport {
+                stream: Box::new(est.stream),
+                key: PeerKey::from_bytes(&est.secret)?,
+                chain: Some(est.chain),
+            })
+        }
+    }
+}
+
 /// Run the handshake over `stream` and build the link.
 fn establish(
     stream: Box<dyn Stream>,
     cfg: &PeerConfig,
     role: Role,
     purpose: &str,
+    expected: Option<&str>,
 ) -> Result<Link, PeerError> {
     cfg.validate()?;
     let remote = stream.describe();
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let (link, chain) = match handshake(stream, cfg, role, purpose, expected, deadline) {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::warn!(
+                remote = %remote,
+                role = ?role,
+                error = %error_chain(&e),
+                "peer handshake failed"
+            );
+            return Err(e);
+        }
+    };
+    let peer = link.peer().node_id.clone();
+    let mut refused = None;
+    if let Some(chain) = &chain
+        && let Err(source) = understudy_tls::check_peer_name(chain, &peer)
+    {
+        // Over TLS the certificate must name the node the hello claims.
+        refused = Some(PeerError::Tls {
+            source: Box::new(source),
+        });
+    }
+    if refused.is_none()
+        && let Some(exp) = expected
+        && !peer.eq_ignore_ascii_case(exp)
+    {
+        refused = Some(PeerError::UnexpectedPeer {
+            expected: exp.to_string(),
+            got: peer.clone(),
+        });
+    }
+    if let Some(e) = refused {
+        tracing::warn!(
+            remote = %remote,
+            role = ?role,
+            error = %error_chain(&e),
+            "peer handshake failed"
+        );
+        // Tell the peer why before hanging up, best effort.
+        let _ = link.send_error(crate::wire::error_code::REFUSED, &e.to_string());
+        let _ = link.tx.close("refused");
+        return Err(e);
+    }
+    tracing::info!(
+        remote = %remote,
+        peer_node = %peer,
+        purpose = %link.peer().purpose,
+        version = link.peer().version,
+        security = cfg.auth.describe(),
+        "peer link established"
+    );
+    Ok(link)
+}
+
+/// An error and its sources on one line, for logs (TLS errors say what was
+/// wrong with which certificate in their source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+/// The handshake proper: transport, hello exchange, link halves.
+fn handshake(
+    stream: Box<dyn Stream>,
+    cfg: &PeerConfig,
+    role: Role,
+    purpose: &str,
+    expected: Option<&str>,
+    deadline: Instant,
+) -> Result<(Link, Option<Chain>), PeerError> {
+    let Transport { stream, key, chain } = transport(stream, cfg, role, expected, deadline)?;
     let params = HandshakeParams::new(role, &cfg.node_id, purpose, cfg.max_payload);
-    let mut hs = Handshake::new(params, &cfg.key, random_nonce()?)?;
+    let mut hs = Handshake::new(params, &key, random_nonce()?)?;
     let socket_err = |source| PeerError::Socket { source };
     let mut writer = stream.try_clone_stream().map_err(socket_err)?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
-    let deadline = Instant::now() + cfg.handshake_timeout;
     let result = drive_handshake(
         &mut hs,
         &mut reader,
@@ -506,11 +651,14 @@ fn establish(
         cfg.handshake_timeout,
     );
     if let Err(e) = result {
-        tracing::warn!(remote = %remote, role = ?role, error = %e, "peer handshake failed");
         let _ = writer.shutdown(Shutdown::Both);
         return Err(e);
     }
-    let session = hs.into_session()?;
+    let mut session = hs.into_session()?;
+    if chain.is_some() {
+        session.sealer.transport_authenticated();
+        session.opener.transport_authenticated();
+    }
     writer
         .set_write_timeout(cfg.write_timeout)
         .map_err(socket_err)?;
@@ -519,13 +667,6 @@ fn establish(
         .set_read_timeout(cfg.read_timeout)
         .map_err(socket_err)?;
     let peer = Arc::new(session.peer);
-    tracing::info!(
-        remote = %remote,
-        peer_node = %peer.node_id,
-        purpose = %peer.purpose,
-        version = peer.version,
-        "peer link established"
-    );
     let ctl = Arc::new(KeepaliveCtl::default());
     let shared = Arc::new(SendShared {
         state: Mutex::new(SendState {
@@ -545,7 +686,7 @@ fn establish(
             .spawn(move || keepalive_loop(weak, ctl, interval))
             .map_err(|source| PeerError::KeepaliveThread { source })?;
     }
-    Ok(Link {
+    let link = Link {
         tx: LinkSender { shared },
         rx: LinkReceiver {
             reader,
@@ -554,7 +695,8 @@ fn establish(
             read_timeout: cfg.read_timeout,
             dead: false,
         },
-    })
+    };
+    Ok((link, chain))
 }
 
 /// Move handshake bytes until it finishes, fails or the deadline passes.
@@ -577,6 +719,19 @@ fn drive_handshake(
     let io_err = |e: io::Error| {
         if is_timeout(&e) {
             timed_out()
+        } else if e
+            .get_ref()
+            .is_some_and(|r| r.is::<understudy_tls::TlsError>())
+        {
+            // The TLS layer refused something after its handshake (for a
+            // client: the server's verdict on our certificate).
+            match e
+                .into_inner()
+                .map(|r| r.downcast::<understudy_tls::TlsError>())
+            {
+                Some(Ok(source)) => PeerError::Tls { source },
+                _ => PeerError::HandshakeClosed,
+            }
         } else if matches!(
             e.kind(),
             io::ErrorKind::UnexpectedEof

@@ -226,6 +226,10 @@ impl Hello {
         let mut got = [0u8; 8];
         got.copy_from_slice(&prefix[..8]);
         if got != MAGIC {
+            // A TLS record header: handshake (0x16), version 3.x.
+            if got[0] == 0x16 && got[1] == 0x03 {
+                return Err(PeerError::PeerSpeaksTls);
+            }
             return Err(PeerError::BadMagic { got });
         }
         let len = usize::from(u16::from_be_bytes([prefix[8], prefix[9]]));

@@ -20,8 +20,21 @@ use crate::load::{Ca, Identity};
 /// from the CA ([`client_config_any_node`]); it is never checked.
 pub const PLACEHOLDER_SERVER_NAME: &str = "any-node.understudy.invalid";
 
+/// ring, with AES-128-GCM preferred: with AES-NI it is the cheapest
+/// suite per byte, and 128-bit keys are ample for a session's lifetime.
+/// AES-256-GCM and ChaCha20-Poly1305 stay available for peers that prefer
+/// them (QEMU's GnuTLS, for one).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 /// A TLS 1.3 server configuration presenting `identity`. With `client_ca`,
@@ -217,7 +230,7 @@ pub fn classify(err: Error, expected: Option<&str>) -> TlsError {
             },
             CertificateError::NotValidForNameContext { presented, .. } => CertProblem::WrongName {
                 expected,
-                presented: presented.clone(),
+                presented: presented.iter().map(|p| bare_name(p)).collect(),
             },
             other => CertProblem::Other(format!("{other:?}")),
         },
@@ -230,6 +243,15 @@ pub fn classify(err: Error, expected: Option<&str>) -> TlsError {
         source => return TlsError::Handshake { source },
     };
     TlsError::PeerCertificate { problem }
+}
+
+/// rustls describes presented names as `DnsName("node-b")`: keep the name.
+fn bare_name(presented: &str) -> String {
+    presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|s| s.strip_suffix("\")"))
+        .unwrap_or(presented)
+        .to_string()
 }
 
 fn is_certificate_alert(alert: AlertDescription) -> bool {

@@ -1,6 +1,7 @@
 //! `understudy`: keep a second copy of a running VM's disk, memory and
 //! device state in step on another host.
 
+mod certs;
 mod control;
 mod demo;
 mod mem;
@@ -72,6 +73,11 @@ enum Command {
         control: PathBuf,
         #[command(subcommand)]
         cmd: vm::VmCmd,
+    },
+    /// Make a cluster CA and node certificates for TLS links.
+    Certs {
+        #[command(subcommand)]
+        cmd: certs::CertsCmd,
     },
 }
 
@@ -176,6 +182,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Mem { cmd } => mem::run(cmd),
+        Command::Certs { cmd } => certs::run(cmd),
         Command::Bitmap { control, cmd } => bitmap_cmd(&control, cmd),
         Command::Export { control, cmd } => export_cmd(&control, cmd),
         Command::Vm { control, cmd } => vm::run(&control, cmd),

@@ -7,8 +7,8 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use understudy_peer::{
-    Handshake, HandshakeParams, Link, PeerConfig, PeerError, PeerKey, PeerListener, Role, Session,
-    random_nonce,
+    Handshake, HandshakeParams, Link, PeerAuth, PeerConfig, PeerError, PeerKey, PeerListener, Role,
+    Session, random_nonce,
 };
 
 pub fn key(seed: u8) -> PeerKey {
@@ -69,7 +69,9 @@ pub fn manual_handshake(s: &mut TcpStream, key: &PeerKey, role: Role, node: &str
 /// (holding the session) on the other.
 pub fn evil_initiator(cfg: PeerConfig) -> (TcpStream, Session, Link) {
     let (mut evil, real) = tcp_pair();
-    let k = cfg.key.clone();
+    let PeerAuth::Psk(k) = cfg.auth.clone() else {
+        panic!("evil_initiator needs a pre-shared-key config");
+    };
     let h = thread::spawn(move || Link::accept(Box::new(real), &cfg));
     let session = manual_handshake(&mut evil, &k, Role::Initiator, "evil");
     (evil, session, h.join().unwrap().unwrap())
