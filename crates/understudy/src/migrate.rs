@@ -44,8 +44,21 @@ pub struct MigrationArgs {
     pub peer_listen: Option<String>,
     /// Pre-shared key file for migration links (both ends use the same;
     /// create one with 32 random bytes, e.g. `head -c32 /dev/urandom | xxd -p -c64`).
-    #[arg(long, value_name = "FILE")]
+    /// Authenticates peers but does NOT encrypt the link: prefer
+    /// --peer-tls-cert/--peer-tls-key/--peer-tls-ca (docs/security.md).
+    #[arg(long, value_name = "FILE", conflicts_with = "peer_tls_cert")]
     pub peer_key: Option<PathBuf>,
+    /// This node's certificate (PEM, from `understudy certs issue`): peer
+    /// links run over TLS 1.3 with mutual certificate authentication.
+    #[arg(long, value_name = "FILE", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "peer_tls_cert")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): only peers whose certificate chains to it are
+    /// accepted.
+    #[arg(long, value_name = "FILE", requires = "peer_tls_cert")]
+    pub peer_tls_ca: Option<PathBuf>,
     /// This node's id on peer links; must be stable across restarts and
     /// differ between nodes. Default: hostname plus a hash of --control.
     #[arg(long)]
@@ -60,6 +73,29 @@ pub struct MigrationArgs {
         requires = "accept_migrations"
     )]
     pub received_journal: crate::spec::ReceivedJournal,
+}
+
+/// The peer-link settings from `serve`'s flags: TLS when a certificate is
+/// given (the node id defaults to the certificate's name), PSK with
+/// --peer-key, none otherwise.
+fn peer_config(args: &MigrationArgs, control: &Path) -> Result<Option<PeerConfig>> {
+    let mut cfg = match (&args.peer_tls_cert, &args.peer_tls_key, &args.peer_tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => PeerConfig::from_tls_files(cert, key, ca)
+            .with_context(|| format!("loading the peer TLS identity {}", cert.display()))?,
+        _ => match &args.peer_key {
+            Some(path) => {
+                let mut cfg = PeerConfig::new(PeerKey::load(path)?)?;
+                cfg.node_id = default_node_id(control);
+                cfg
+            }
+            None => return Ok(None),
+        },
+    };
+    if let Some(id) = &args.node_id {
+        cfg.node_id = id.clone();
+    }
+    cfg.validate()?;
+    Ok(Some(cfg))
 }
 
 /// Refuse to serve an image that was handed over (or is in doubt, or
@@ -166,19 +202,7 @@ impl Manager {
         nbd: &Server,
         exports: impl IntoIterator<Item = SourceExport>,
     ) -> Result<Arc<Manager>> {
-        let peer = match &args.peer_key {
-            Some(path) => {
-                let key = PeerKey::load(path)?;
-                let mut cfg = PeerConfig::new(key)?;
-                cfg.node_id = args
-                    .node_id
-                    .clone()
-                    .unwrap_or_else(|| default_node_id(control));
-                cfg.validate()?;
-                Some(cfg)
-            }
-            None => None,
-        };
+        let peer = peer_config(args, control)?;
         let target_cfg = match (&args.accept_migrations, &peer) {
             (Some(dir), Some(p)) => {
                 let mut cfg = TargetConfig::new(dir.clone(), p.clone());
@@ -186,7 +210,9 @@ impl Manager {
                 Some(cfg)
             }
             (Some(_), None) => bail!(
-                "--accept-migrations needs --peer-key FILE (the same key file as the sending server)"
+                "--accept-migrations needs peer credentials: --peer-tls-cert/--peer-tls-key/\
+                 --peer-tls-ca (see `understudy certs`), or --peer-key FILE (the same key file \
+                 as the sending server)"
             ),
             _ => None,
         };
