@@ -23,7 +23,9 @@ pub enum VmMigrationError {
         source: PeerError,
     },
     /// The peer sent something else than expected.
-    #[error("expected {expected} from the peer, got message type {got:#06x}; both daemons must run the same version")]
+    #[error(
+        "expected {expected} from the peer, got message type {got:#06x}; both daemons must run the same version"
+    )]
     Unexpected {
         /// What was expected.
         expected: &'static str,

@@ -252,7 +252,8 @@ mod tests {
     use understudy_peer::{PeerConfig, PeerKey};
 
     fn cfg(id: &str) -> PeerConfig {
-        let mut c = PeerConfig::new(PeerKey::from_bytes(&(0u8..32).collect::<Vec<u8>>()).unwrap()).unwrap();
+        let mut c =
+            PeerConfig::new(PeerKey::from_bytes(&(0u8..32).collect::<Vec<u8>>()).unwrap()).unwrap();
         c.node_id = id.into();
         c
     }
