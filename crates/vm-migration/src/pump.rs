@@ -58,3 +58,50 @@ pub fn recv_stream(link: &mut Link, w: &mut impl Write) -> Result<(u64, u64), Vm
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use understudy_peer::{PeerConfig, PeerKey};
+
+    fn cfg(id: &str) -> PeerConfig {
+        let mut c =
+            PeerConfig::new(PeerKey::from_bytes(&(0u8..32).collect::<Vec<u8>>()).unwrap()).unwrap();
+        c.node_id = id.into();
+        c
+    }
+
+    #[test]
+    fn a_stream_crosses_the_link_byte_for_byte() {
+        let (a, mut b) = Link::pair(&cfg("a"), &cfg("b"), crate::PURPOSE).unwrap();
+        let data: Vec<u8> = (0..(CHUNK * 2 + 123))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let tx = a.sender();
+        let d2 = data.clone();
+        let t = std::thread::spawn(move || {
+            let n = send_stream(&mut d2.as_slice(), &tx).unwrap();
+            Msg::StateEnd { ram_seq: 7 }.send(&tx).unwrap();
+            n
+        });
+        let mut out = Vec::new();
+        let (n, seq) = recv_stream(&mut b, &mut out).unwrap();
+        assert_eq!((n, seq), (data.len() as u64, 7));
+        assert_eq!(t.join().unwrap(), n);
+        assert_eq!(out, data);
+        drop(a);
+    }
+
+    #[test]
+    fn an_abort_in_the_stream_is_the_peer_refusing() {
+        let (a, mut b) = Link::pair(&cfg("a"), &cfg("b"), crate::PURPOSE).unwrap();
+        Msg::Abort {
+            reason: "QEMU failed".into(),
+        }
+        .send(&a.sender())
+        .unwrap();
+        let e = recv_stream(&mut b, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, VmMigrationError::Refused { ref message } if message == "QEMU failed"));
+    }
+}

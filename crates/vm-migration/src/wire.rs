@@ -299,3 +299,68 @@ pub struct Progress {
     /// The error, when failed or in doubt.
     pub error: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_message_survives_encode_and_decode() {
+        let hello = Hello {
+            vm: "v".into(),
+            id: "i".into(),
+            spec_toml: "name = \"v\"".into(),
+            ram_bytes: 1 << 27,
+            disks: vec![DiskInfo {
+                name: "root".into(),
+                export: "v-root".into(),
+                readonly: false,
+            }],
+            lineage: "l".into(),
+            generation: 3,
+        };
+        let all = [
+            Msg::Hello(hello),
+            Msg::Welcome { node: "b".into() },
+            Msg::Prepare,
+            Msg::Ready,
+            Msg::StateData(vec![1, 2, 3]),
+            Msg::StateEnd { ram_seq: 9 },
+            Msg::Loaded,
+            Msg::Commit { generation: 4 },
+            Msg::Committed,
+            Msg::Abort {
+                reason: "why".into(),
+            },
+            Msg::Attach {
+                vm: "v".into(),
+                id: "i".into(),
+            },
+        ];
+        for m in all {
+            let (msg_type, payload) = m.encode().unwrap();
+            assert_eq!(Msg::decode(Frame { msg_type, payload }).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn foreign_or_malformed_frames_are_errors() {
+        let f = |msg_type, payload: &[u8]| Frame {
+            msg_type,
+            payload: payload.to_vec(),
+        };
+        assert!(matches!(
+            Msg::decode(f(0x0200, b"")),
+            Err(VmMigrationError::Unexpected { got: 0x0200, .. })
+        ));
+        assert!(matches!(
+            Msg::decode(f(HELLO, b"{")),
+            Err(VmMigrationError::Decode { what: "Hello", .. })
+        ));
+        assert!(matches!(
+            Msg::decode(f(COMMIT, b"not json")),
+            Err(VmMigrationError::Decode { .. })
+        ));
+    }
+}
