@@ -24,6 +24,10 @@ static ONE_GUEST: Mutex<()> = Mutex::new(());
 const KEY_HEX: &str = "3f9c1a7e5b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e";
 
 fn guest() -> Option<(PathBuf, PathBuf)> {
+    guest_with("initrd.gz", "build.sh")
+}
+
+fn guest_with(initrd: &str, script: &str) -> Option<(PathBuf, PathBuf)> {
     let g = std::env::var_os("UNDERSTUDY_GUEST_CACHE").map_or_else(
         || {
             let home =
@@ -32,7 +36,7 @@ fn guest() -> Option<(PathBuf, PathBuf)> {
         },
         PathBuf::from,
     );
-    let (k, i) = (g.join("vmlinuz"), g.join("initrd.gz"));
+    let (k, i) = (g.join("vmlinuz"), g.join(initrd));
     if k.is_file() && i.is_file() {
         return Some((k, i));
     }
@@ -311,4 +315,78 @@ fn target_killed_during_precopy_leaves_the_guest_running_on_the_source() {
     // QEMU's end is checked.
     let _ = a.s.ctl(&["vm", "stop", &name, "--force"]);
     assert!(process_gone(st["pid"].as_u64().unwrap()));
+}
+
+#[test]
+fn guest_writing_its_disk_moves_and_its_file_system_verifies() {
+    let Some((kernel, initrd)) = guest_with("initrd-fs.gz", "build-fs.sh") else {
+        return;
+    };
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a");
+    let b = node(dir.path(), "b");
+    let name = format!("ut-fs-{}", std::process::id());
+    let img = dir.path().join("fs.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(32 << 20))
+        .unwrap();
+    common::run(
+        "mkfs.ext4",
+        &["-q", "-F", "-b", "4096", img.to_str().unwrap()],
+    );
+    let disk = format!("{},format=raw,name=root", img.display());
+    a.s.ctl_ok(&[
+        "vm",
+        "start",
+        &name,
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        "console=ttyS0 quiet panic=-1",
+        "--memory",
+        "128M",
+        "--disk",
+        &disk,
+    ]);
+    // Move it at once, while it boots, with a pause target no round can
+    // meet: pre-copy throttles the guest (stop/cont) and switches over
+    // after its round limit, so the guest is still booting when it moves.
+    // The file system workload (checksummed records, renames, fsyncs) then
+    // runs on B, through B's copy of the disk, and verifies what it wrote.
+    let out = a.s.ctl_ok(&[
+        "vm",
+        "migrate",
+        &name,
+        "--to",
+        &b.peer,
+        "--max-downtime",
+        "1ms",
+        "--json",
+    ]);
+    let last = json_of(out.lines().last().unwrap());
+    assert_eq!(last["phase"], "completed", "{out}");
+    assert!(last["throttle_pct"].as_u64().unwrap() > 0, "{last}");
+    let t0 = Instant::now();
+    let st = loop {
+        let st = status(&b.s, &name);
+        if st["state"] == "exited" {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "the guest did not finish on B: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = serial(&st);
+    assert_eq!(st["exit"]["code"], 0, "{st}\n{text}");
+    assert!(text.contains("FSWORKLOAD-DONE"), "{text}");
+    assert!(text.contains("UMOUNT-OK"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    b.s.ctl_ok(&["vm", "stop", &name]);
+    let received = dir.path().join("b/recv").join(format!("{name}-root.img"));
+    common::run("e2fsck", &["-f", "-n", received.to_str().unwrap()]);
 }

@@ -77,7 +77,11 @@ impl RoundReport {
         self.read + self.encode + self.transfer
     }
     /// Bytes the guest dirtied per second during the interval.
+    /// Zero for the first round (it sends everything; no interval).
     pub fn dirty_rate(&self) -> u64 {
+        if self.interval.is_zero() {
+            return 0;
+        }
         let s = self.interval.as_secs_f64().max(1e-3);
         (self.dirty_pages as f64 * PAGE_SIZE as f64 / s) as u64
     }

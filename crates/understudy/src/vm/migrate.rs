@@ -171,7 +171,7 @@ impl VmHost {
                     Err(e) => {
                         pr.phase = Phase::Failed;
                         pr.error = Some(format!("{e:#}"));
-                        tracing::warn!(vm = %name, "VM migration failed, the guest runs here: {e:#}");
+                        tracing::warn!(vm = %name, "VM migration failed; the VM stays here: {e:#}");
                     }
                 }
             })
