@@ -43,11 +43,11 @@ fn guest_with(initrd: &str, script: &str) -> Option<(PathBuf, PathBuf)> {
     let required = std::env::var_os("UNDERSTUDY_REQUIRE_GUEST").is_some_and(|v| v == "1");
     assert!(
         !required,
-        "guest artefacts missing in {}: run scripts/guest/build.sh",
+        "guest artefacts missing in {}: run scripts/guest/{script}",
         g.display()
     );
     eprintln!(
-        "guest artefacts not built in {} (run scripts/guest/build.sh); test not exercised",
+        "guest artefacts not built in {} (run scripts/guest/{script}); test not exercised",
         g.display()
     );
     None
@@ -139,6 +139,10 @@ fn wait_tick(s: &Server, name: &str, above: u64) -> Vec<u64> {
         if t.last().is_some_and(|&n| n > above) {
             return t;
         }
+        assert!(
+            !text.contains("WORKLOAD-START idle"),
+            "the guest's initramfs has no /bin/ticker (workloads/ticker.c): run scripts/guest/build.sh"
+        );
         assert!(
             st["state"] != "exited" && t0.elapsed() < DEADLINE,
             "no TICK above {above} ({st})\nserial:\n{}\nqemu log:\n{}",
