@@ -143,6 +143,17 @@ struct DiskUse {
     opened: bool,
 }
 
+/// A VM that moved to another daemon, leaving its RAM copy here: a return
+/// of the same lineage at this generation or later sends only the pages
+/// that differ.
+#[derive(Debug, Clone)]
+struct Departed {
+    lineage: String,
+    /// The generation the other daemon committed.
+    generation: u64,
+    ram_file: PathBuf,
+}
+
 /// A VM about to start: its final spec and what its disks need.
 struct Plan {
     spec: understudy_vm::VmSpec,
@@ -193,6 +204,9 @@ pub struct VmHost {
     owners: Arc<Mutex<BTreeMap<String, (String, u64)>>>,
     /// Outgoing migrations by VM name (the last one of each VM).
     migrations: Mutex<BTreeMap<String, Arc<Mutex<understudy_vm_migration::Progress>>>>,
+    /// VMs that moved away, whose RAM copy is kept for an incremental
+    /// return (removed at daemon stop or when a VM of the name starts).
+    departed: Arc<Mutex<BTreeMap<String, Departed>>>,
     /// Incoming migrations by id, until their RAM link attaches.
     incoming: Mutex<BTreeMap<String, Arc<incoming::Incoming>>>,
     /// Serialises start, stop and shutdown; true once the daemon stops.
@@ -261,6 +275,7 @@ impl VmHost {
             disks: Arc::default(),
             owners: Arc::default(),
             migrations: Mutex::default(),
+            departed: Arc::default(),
             incoming: Mutex::default(),
             op: Mutex::new(false),
         })
@@ -300,6 +315,10 @@ impl VmHost {
                     p.name, p.name
                 ),
             ));
+        }
+        if let Some(d) = self.departed.lock().remove(&p.name) {
+            // A new VM of that name: the old copy is no base for it.
+            incoming::remove_ram(&d.ram_file);
         }
         let parsed = spec::parse(&p.name, spec::spec_object(p.spec)?, &self.ram_dir)?;
         let plan = self.plan(parsed, host)?;
@@ -537,6 +556,9 @@ impl VmHost {
             }
             let uses = self.disks.lock().remove(&name).unwrap_or_default();
             failed.extend(self.release_uses(&name, &uses, host));
+        }
+        for (_, d) in std::mem::take(&mut *self.departed.lock()) {
+            incoming::remove_ram(&d.ram_file);
         }
         if self.internal && self.listener.lock().is_some() {
             let _ = std::fs::remove_file(&self.socket);

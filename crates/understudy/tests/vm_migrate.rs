@@ -185,8 +185,9 @@ fn start_vm(n: &Node, name: &str, dir: &Path) {
 }
 
 /// Move the VM from `a` to `b` and check it carries on there: the counter
-/// on `b` continues above the last one on `a`, `a`'s QEMU is gone.
-fn move_vm(a: &Node, b: &Node, name: &str) {
+/// on `b` continues above the last one on `a`, `a`'s QEMU is gone. Returns
+/// the migration's final progress.
+fn move_vm(a: &Node, b: &Node, name: &str) -> Value {
     let before = status(&a.s, name);
     let pid = before["pid"].as_u64().unwrap();
     let seen = wait_tick(&a.s, name, 0);
@@ -226,6 +227,7 @@ fn move_vm(a: &Node, b: &Node, name: &str) {
         on_b[0]
     );
     assert_eq!(status(&b.s, name)["state"], "running");
+    left["migration"].clone()
 }
 
 #[test]
@@ -242,8 +244,23 @@ fn vm_moves_live_there_and_back() {
     let t = wait_tick(&a.s, &name, 20);
     assert_increasing(&t, "on the source");
 
-    move_vm(&a, &b, &name);
-    move_vm(&b, &a, &name);
+    let there = move_vm(&a, &b, &name);
+    assert_eq!(there["incremental"], false, "{there}");
+    // A kept its RAM copy: the return sends only the pages that differ.
+    let back = move_vm(&b, &a, &name);
+    assert_eq!(back["incremental"], true, "{back}");
+    let (full, delta) = (
+        there["ram_bytes_sent"].as_u64().unwrap(),
+        back["ram_bytes_sent"].as_u64().unwrap(),
+    );
+    assert!(
+        delta * 4 < full,
+        "the return sent {delta} RAM bytes, the first move {full}"
+    );
+    // And again there: B kept its copy too.
+    let again = move_vm(&a, &b, &name);
+    assert_eq!(again["incremental"], true, "{again}");
+    let a = b;
     let st = status(&a.s, &name);
     a.s.ctl_ok(&["vm", "stop", &name]);
     assert!(process_gone(st["pid"].as_u64().unwrap()));

@@ -66,6 +66,10 @@ pub enum Msg {
     Welcome {
         /// The target's node id.
         node: String,
+        /// The target holds an older RAM copy of this VM (same lineage):
+        /// the RAM link starts with a hash comparison and sends only the
+        /// pages that differ.
+        incremental: bool,
     },
     /// Source: the disks are on the target; start the receiving QEMU.
     Prepare,
@@ -156,7 +160,9 @@ impl Msg {
                     source,
                 })?,
             ),
-            Msg::Welcome { node } => (WELCOME, t(node, "", "", "", 0)),
+            Msg::Welcome { node, incremental } => {
+                (WELCOME, t(node, "", "", "", u64::from(*incremental)))
+            }
             Msg::Prepare => (PREPARE, Vec::new()),
             Msg::Ready => (READY, Vec::new()),
             Msg::StateData(b) => (STATE_DATA, b.clone()),
@@ -182,9 +188,13 @@ impl Msg {
                     source,
                 }
             })?),
-            WELCOME => Msg::Welcome {
-                node: text("Welcome")?.node,
-            },
+            WELCOME => {
+                let t = text("Welcome")?;
+                Msg::Welcome {
+                    node: t.node,
+                    incremental: t.n == 1,
+                }
+            }
             PREPARE => Msg::Prepare,
             READY => Msg::Ready,
             STATE_DATA => Msg::StateData(f.payload),
@@ -272,6 +282,8 @@ pub struct Progress {
     pub to: String,
     /// Target node id, once known.
     pub target_node: Option<String>,
+    /// The target had an older RAM copy: only differing pages are sent.
+    pub incremental: bool,
     /// Phase.
     pub phase: Phase,
     /// RAM pre-copy rounds done.
@@ -322,7 +334,10 @@ mod tests {
         };
         let all = [
             Msg::Hello(hello),
-            Msg::Welcome { node: "b".into() },
+            Msg::Welcome {
+                node: "b".into(),
+                incremental: true,
+            },
             Msg::Prepare,
             Msg::Ready,
             Msg::StateData(vec![1, 2, 3]),

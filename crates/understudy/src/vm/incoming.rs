@@ -92,7 +92,7 @@ impl VmHost {
             bail!("the VM link did not start with Hello");
         };
         let tx = link.sender();
-        let spec = match self.check_hello(&hello) {
+        let (spec, incremental) = match self.check_hello(&hello) {
             Ok(s) => s,
             Err(e) => {
                 let _ = Msg::Abort {
@@ -110,8 +110,10 @@ impl VmHost {
             cv: Condvar::new(),
         });
         self.incoming.lock().insert(hello.id.clone(), inc.clone());
-        let r = self.receive_inner(&mut link, &hello, spec, &inc, host);
+        let r = self.receive_inner(&mut link, &hello, (spec, incremental), &inc, host);
         self.incoming.lock().remove(&hello.id);
+        // Either the copy runs here now or it is removed below.
+        self.departed.lock().remove(&hello.vm);
         if let Err(e) = &r {
             let _ = Msg::Abort {
                 reason: format!("{e:#}"),
@@ -125,9 +127,10 @@ impl VmHost {
         r
     }
 
-    /// The spec as it runs here: this daemon's RAM directory, state
-    /// directory and NBD socket.
-    fn check_hello(&self, h: &Hello) -> Result<VmSpec> {
+    /// The spec as it runs here (this daemon's RAM directory, state
+    /// directory and NBD socket), and whether the RAM file here is an older
+    /// copy of this VM to update (an incremental return).
+    fn check_hello(&self, h: &Hello) -> Result<(VmSpec, bool)> {
         if *self.op.lock() {
             bail!("the target daemon is stopping");
         }
@@ -144,6 +147,15 @@ impl VmHost {
             bail!("the spec's memory differs from the announced RAM size");
         }
         let ram = spec.ram_file();
+        let own_copy = self.departed.lock().get(&h.vm).is_some_and(|d| {
+            d.lineage == h.lineage
+                && d.generation <= h.generation
+                && d.ram_file == ram
+                && std::fs::metadata(&ram).is_ok_and(|m| m.len() == h.ram_bytes)
+        });
+        if own_copy {
+            return Ok((spec, true));
+        }
         if ram.exists() {
             bail!(
                 "the RAM file {} exists on the target (another VM of that name, or both daemons share a RAM directory: give them different --vm-ram-dir)",
@@ -153,14 +165,14 @@ impl VmHost {
         std::fs::File::create_new(&ram)
             .and_then(|f| f.set_len(h.ram_bytes))
             .with_context(|| format!("creating the RAM file {}", ram.display()))?;
-        Ok(spec)
+        Ok((spec, false))
     }
 
     fn receive_inner(
         &self,
         link: &mut Link,
         hello: &Hello,
-        spec: VmSpec,
+        (spec, incremental): (VmSpec, bool),
         inc: &Incoming,
         host: &dyn ExportHost,
     ) -> Result<()> {
@@ -170,7 +182,7 @@ impl VmHost {
             .peer()
             .map(|p| p.node_id)
             .unwrap_or_default();
-        Msg::Welcome { node }.send(&tx)?;
+        Msg::Welcome { node, incremental }.send(&tx)?;
         match Msg::recv(link, "Prepare")? {
             Msg::Prepare => {}
             _ => bail!("expected Prepare"),
@@ -214,6 +226,8 @@ impl VmHost {
             bail!("expected Commit");
         };
         self.commit(hello, generation, &vm.paths().state_dir)?;
+        // QEMU owns the RAM file now: memsync's record of it is stale.
+        let _ = std::fs::remove_file(side(&inc.ram_file, ".state"));
         Msg::Committed.send(&tx)?;
         if let Err(e) = vm.resume() {
             tracing::error!(vm = %hello.vm, "cont after the commit failed: {}", understudy_block::error_chain(&e));
@@ -279,11 +293,15 @@ fn connect_within(path: &Path, limit: Duration) -> Result<UnixStream> {
     }
 }
 
+fn side(p: &Path, ext: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(ext);
+    PathBuf::from(s)
+}
+
 /// Remove a RAM file and memsync's side files.
-fn remove_ram(p: &Path) {
+pub(super) fn remove_ram(p: &Path) {
     for ext in ["", ".state", ".redo", ".state.tmp", ".redo.tmp"] {
-        let mut s = p.as_os_str().to_owned();
-        s.push(ext);
-        let _ = std::fs::remove_file(PathBuf::from(s));
+        let _ = std::fs::remove_file(side(p, ext));
     }
 }

@@ -140,27 +140,26 @@ impl VmHost {
             progress: progress.clone(),
             owner,
         };
-        let (runner, tables, owners) =
-            (self.runner.clone(), self.disks.clone(), self.owners.clone());
+        let after = Departure {
+            runner: self.runner.clone(),
+            disks: self.disks.clone(),
+            owners: self.owners.clone(),
+            departed: self.departed.clone(),
+        };
         let name = p.name.clone();
         std::thread::Builder::new()
             .name("vm-migrate".into())
             .spawn(move || {
                 let t0 = Instant::now();
                 let r = src.run();
+                if let Ok(Outcome::Done) = &r {
+                    after.left(&src);
+                }
                 let mut pr = src.progress.lock();
                 pr.total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 match r {
                     Ok(Outcome::Done) => {
                         pr.phase = Phase::Completed;
-                        drop(pr);
-                        // The target runs the guest now; its disks stay
-                        // here, handed over, for an incremental return.
-                        tables.lock().remove(&name);
-                        owners.lock().remove(&name);
-                        if let Err(e) = runner.stop(&name, &stop_options(false)) {
-                            tracing::error!(vm = %name, "ending the source QEMU: {}", understudy_block::error_chain(&e));
-                        }
                         tracing::info!(vm = %name, "VM migrated");
                     }
                     Ok(Outcome::InDoubt(e)) => {
@@ -180,6 +179,61 @@ impl VmHost {
         migrations.insert(p.name, progress);
         Ok(v)
     }
+}
+
+/// The tables a VM leaves when it has moved away.
+struct Departure {
+    runner: Arc<understudy_vm::Runner>,
+    disks: Arc<Mutex<std::collections::BTreeMap<String, Vec<super::DiskUse>>>>,
+    owners: Arc<Mutex<std::collections::BTreeMap<String, (String, u64)>>>,
+    departed: Arc<Mutex<std::collections::BTreeMap<String, super::Departed>>>,
+}
+
+impl Departure {
+    /// The target runs the guest now: end the source QEMU, keep its RAM
+    /// file as the base of an incremental return. The disks stay here,
+    /// handed over, for their own incremental return.
+    fn left(&self, src: &Source) {
+        let name = src.vm.name().to_string();
+        let ram_file = src.vm.paths().ram_file.clone();
+        self.disks.lock().remove(&name);
+        self.owners.lock().remove(&name);
+        let opts = understudy_vm::StopOptions {
+            keep_ram: true,
+            ..stop_options(false)
+        };
+        if let Err(e) = self.runner.stop(&name, &opts) {
+            tracing::error!(vm = %name, "ending the source QEMU: {}", understudy_block::error_chain(&e));
+            return;
+        }
+        let pages = src.vm.spec().memory.bytes() / understudy_memsync::PAGE_SIZE as u64;
+        match keep_copy(&ram_file, pages) {
+            Ok(()) => {
+                let d = super::Departed {
+                    lineage: src.owner.0.clone(),
+                    generation: src.owner.1 + 1,
+                    ram_file,
+                };
+                self.departed.lock().insert(name, d);
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, "cannot keep the RAM copy for a return: {e:#}");
+                super::incoming::remove_ram(&ram_file);
+            }
+        }
+    }
+}
+
+/// Make the RAM file a memsync backup image holding "some checkpoint": a
+/// later primary that does not know it compares page hashes and sends
+/// only the pages that differ.
+fn keep_copy(ram_file: &std::path::Path, pages: u64) -> Result<()> {
+    let mut img = understudy_memsync::sync::BackupImage::open(ram_file, pages, false)?;
+    img.apply(&understudy_memsync::Decoded {
+        seq: 1,
+        ..Default::default()
+    })?;
+    Ok(())
 }
 
 impl Source {
@@ -207,11 +261,12 @@ impl Source {
         };
         let tx = link.sender();
         Msg::Hello(hello.clone()).send(&tx)?;
-        let Msg::Welcome { node } = Msg::recv(&mut link, "Welcome")? else {
+        let Msg::Welcome { node, incremental } = Msg::recv(&mut link, "Welcome")? else {
             bail!("the target answered Hello with something else than Welcome");
         };
         self.set(|p| {
             p.target_node = Some(node.clone());
+            p.incremental = incremental;
             p.phase = Phase::Precopy;
         });
         for d in &self.disks {
