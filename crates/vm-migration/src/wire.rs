@@ -26,6 +26,8 @@ const COMMIT: u16 = 0x0407;
 const COMMITTED: u16 = 0x0408;
 const ABORT: u16 = 0x0409;
 const ATTACH: u16 = 0x040a;
+const QUERY: u16 = 0x040b;
+const ANSWER: u16 = 0x040c;
 
 /// A disk of the VM and the export it is served as (moved by a disk job).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -96,6 +98,21 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+    /// Source, on a new VM link after a lost commit answer: does the
+    /// target own this VM?
+    Query {
+        /// The VM.
+        vm: String,
+        /// Its lineage.
+        lineage: String,
+    },
+    /// Target: the generation at which it owns and runs the VM (of that
+    /// lineage), or `None`. Sent once no migration of the VM is in progress
+    /// here, so the answer is final.
+    Answer {
+        /// The generation owned here.
+        generation: Option<u64>,
+    },
     /// RAM link, first frame: the migration it belongs to.
     Attach {
         /// The VM.
@@ -117,6 +134,8 @@ struct Text {
     id: String,
     #[serde(default)]
     n: u64,
+    #[serde(default)]
+    owned: bool,
 }
 
 fn text(t: &Text) -> Vec<u8> {
@@ -138,6 +157,8 @@ impl Msg {
             Msg::Committed => "Committed",
             Msg::Abort { .. } => "Abort",
             Msg::Attach { .. } => "Attach",
+            Msg::Query { .. } => "Query",
+            Msg::Answer { .. } => "Answer",
         }
     }
 
@@ -150,6 +171,7 @@ impl Msg {
                 vm: vm.into(),
                 id: id.into(),
                 n,
+                owned: false,
             })
         };
         Ok(match self {
@@ -172,6 +194,18 @@ impl Msg {
             Msg::Committed => (COMMITTED, Vec::new()),
             Msg::Abort { reason } => (ABORT, t("", reason, "", "", 0)),
             Msg::Attach { vm, id } => (ATTACH, t("", "", vm, id, 0)),
+            Msg::Query { vm, lineage } => (QUERY, t("", "", vm, lineage, 0)),
+            Msg::Answer { generation } => (
+                ANSWER,
+                text(&Text {
+                    node: String::new(),
+                    reason: String::new(),
+                    vm: String::new(),
+                    id: String::new(),
+                    n: generation.unwrap_or(0),
+                    owned: generation.is_some(),
+                }),
+            ),
         })
     }
 
@@ -212,6 +246,19 @@ impl Msg {
             ATTACH => {
                 let t = text("Attach")?;
                 Msg::Attach { vm: t.vm, id: t.id }
+            }
+            QUERY => {
+                let t = text("Query")?;
+                Msg::Query {
+                    vm: t.vm,
+                    lineage: t.id,
+                }
+            }
+            ANSWER => {
+                let t = text("Answer")?;
+                Msg::Answer {
+                    generation: t.owned.then_some(t.n),
+                }
             }
             got => {
                 return Err(VmMigrationError::Unexpected {
@@ -352,6 +399,14 @@ mod tests {
                 vm: "v".into(),
                 id: "i".into(),
             },
+            Msg::Query {
+                vm: "v".into(),
+                lineage: "l".into(),
+            },
+            Msg::Answer {
+                generation: Some(0),
+            },
+            Msg::Answer { generation: None },
         ];
         for m in all {
             let (msg_type, payload) = m.encode().unwrap();

@@ -88,8 +88,10 @@ impl VmHost {
     /// The VM link: everything up to the commit; any failure before it
     /// removes what was prepared here.
     fn receive(&self, mut link: Link, host: &dyn ExportHost) -> Result<()> {
-        let Msg::Hello(hello) = Msg::recv(&mut link, "Hello")? else {
-            bail!("the VM link did not start with Hello");
+        let hello = match Msg::recv(&mut link, "Hello")? {
+            Msg::Hello(h) => h,
+            Msg::Query { vm, lineage } => return self.answer(&link, &vm, &lineage),
+            _ => bail!("the VM link did not start with Hello or Query"),
         };
         let tx = link.sender();
         let (spec, incremental) = match self.check_hello(&hello) {
@@ -228,11 +230,34 @@ impl VmHost {
         self.commit(hello, generation, &vm.paths().state_dir)?;
         // QEMU owns the RAM file now: memsync's record of it is stale.
         let _ = std::fs::remove_file(side(&inc.ram_file, ".state"));
-        Msg::Committed.send(&tx)?;
+        // The VM is ours from here on, whether the answer arrives or not
+        // (a source that lost it asks with Query).
+        if let Err(e) = Msg::Committed.send(&tx) {
+            tracing::warn!(vm = %hello.vm, "the commit's answer did not go out ({e}); the VM runs here");
+        }
         if let Err(e) = vm.resume() {
             tracing::error!(vm = %hello.vm, "cont after the commit failed: {}", understudy_block::error_chain(&e));
         }
         tracing::info!(vm = %hello.vm, generation, "VM migrated here and running");
+        Ok(())
+    }
+
+    /// Answer a source that lost the commit's answer: once no migration of
+    /// `vm` is in progress here, whether this daemon owns it.
+    fn answer(&self, link: &Link, vm: &str, lineage: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.incoming.lock().values().any(|i| i.vm == vm) {
+            if Instant::now() > deadline {
+                bail!("a migration of VM {vm} is still in progress here; ask again later");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let generation = match self.owners.lock().get(vm) {
+            Some((l, g)) if l == lineage && self.runner.get(vm).is_ok() => Some(*g),
+            _ => None,
+        };
+        tracing::info!(vm, ?generation, "answered an ownership query");
+        Msg::Answer { generation }.send(&link.sender())?;
         Ok(())
     }
 

@@ -386,19 +386,67 @@ impl Source {
             return Err(e);
         }
         let generation = self.owner.1 + 1;
-        Msg::Commit { generation }.send(&link.sender())?;
+        let commit = Msg::Commit { generation };
+        if let Err(e) = commit.send(&link.sender()) {
+            tracing::warn!(vm = %self.vm.name(), "sending the commit failed ({e}); asking the target");
+            return self.settle(generation);
+        }
         match Msg::recv(link, "Committed") {
             Ok(Msg::Committed) => {
                 let ms = paused.elapsed().as_secs_f64() * 1e3;
                 self.set(|p| p.downtime_ms = Some(ms));
                 Ok(Outcome::Done)
             }
-            Ok(_) => Ok(Outcome::InDoubt(anyhow::anyhow!(
-                "the target answered Commit with something else; check `understudy vm status` on it before resuming"
-            ))),
-            Err(e) => Ok(Outcome::InDoubt(anyhow::Error::new(e).context(
-                "the commit's answer was lost: the guest stays paused here; if the target runs it, stop this copy, else `cont` it",
-            ))),
+            Ok(_) | Err(_) => {
+                tracing::warn!(vm = %self.vm.name(), "the commit's answer was lost; asking the target");
+                self.settle(generation)
+            }
+        }
+    }
+
+    /// The commit's answer was lost (the in-doubt rule): the guest stays
+    /// paused while the target is asked, on a new link, whether it owns the
+    /// VM. It does: the move happened. It does not: the guest resumes here.
+    /// No answer within the attempts: in doubt, still paused.
+    fn settle(&self, generation: u64) -> Result<Outcome> {
+        let mut last = None;
+        for _ in 0..20 {
+            match self.ask_owner() {
+                Ok(Some(g)) if g >= generation => return Ok(Outcome::Done),
+                Ok(_) => {
+                    self.vm.resume().context(
+                        "resuming the guest on the source after the target refused the commit",
+                    )?;
+                    bail!(
+                        "the commit's answer was lost and the target had not committed: the guest resumed here"
+                    );
+                }
+                Err(e) => last = Some(e),
+            }
+            // Give a restarting target time to come back.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let e = last.unwrap_or_else(|| anyhow::anyhow!("no answer"));
+        Ok(Outcome::InDoubt(e.context(format!(
+            "the commit's answer was lost and the target {} cannot be asked: the guest stays paused here; \
+             if `understudy vm status {}` on the target shows it running, stop this copy, else `cont` it",
+            self.to,
+            self.vm.name()
+        ))))
+    }
+
+    /// Ask the target on a new VM link whether it owns the VM.
+    fn ask_owner(&self) -> Result<Option<u64>> {
+        let mut link = Link::connect(&self.to, &self.peer, PURPOSE)
+            .with_context(|| format!("connecting to {} to settle the commit", self.to))?;
+        Msg::Query {
+            vm: self.vm.name().to_string(),
+            lineage: self.owner.0.clone(),
+        }
+        .send(&link.sender())?;
+        match Msg::recv(&mut link, "Answer")? {
+            Msg::Answer { generation } => Ok(generation),
+            _ => bail!("the target answered Query with something else than Answer"),
         }
     }
 
