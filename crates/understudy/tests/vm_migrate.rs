@@ -68,13 +68,17 @@ impl Drop for Node {
 }
 
 fn node(dir: &Path, id: &str) -> Node {
+    let ram_dir = PathBuf::from(format!("/dev/shm/ut-vmm-{}-{id}", std::process::id()));
+    node_with_ram(dir, id, ram_dir)
+}
+
+fn node_with_ram(dir: &Path, id: &str, ram_dir: PathBuf) -> Node {
     let key = dir.join("peer.key");
     if !key.exists() {
         std::fs::write(&key, format!("{KEY_HEX}\n")).unwrap();
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
     }
-    let ram_dir = PathBuf::from(format!("/dev/shm/ut-vmm-{}-{id}", std::process::id()));
     std::fs::create_dir_all(&ram_dir).unwrap();
     let d = dir.join(id);
     std::fs::create_dir_all(&d).unwrap();
@@ -410,4 +414,32 @@ fn guest_writing_its_disk_moves_and_its_file_system_verifies() {
     b.s.ctl_ok(&["vm", "stop", &name]);
     let received = dir.path().join("b/recv").join(format!("{name}-root.img"));
     common::run("e2fsck", &["-f", "-n", received.to_str().unwrap()]);
+}
+
+#[test]
+fn a_target_sharing_the_ram_directory_refuses_and_the_guest_runs_on() {
+    if guest().is_none() {
+        return;
+    }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a");
+    // The VM keeps its name, so its RAM file would be the same file.
+    let b = node_with_ram(dir.path(), "b", a.ram_dir.clone());
+    let name = format!("ut-same-{}", std::process::id());
+    start_vm(&a, &name, dir.path());
+    wait_tick(&a.s, &name, 10);
+    let out = a.s.ctl(&["vm", "migrate", &name, "--to", &b.peer]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("--vm-ram-dir"), "{text}");
+    let st = status(&a.s, &name);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["migration"]["phase"], "failed", "{st}");
+    let last = *ticks(&serial(&st)).last().unwrap();
+    wait_tick(&a.s, &name, last + 10);
+    // Nothing was started or left on the target.
+    let list = json_of(&b.s.ctl_ok(&["vm", "list", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    a.s.ctl_ok(&["vm", "stop", &name]);
 }
