@@ -341,6 +341,9 @@ pub struct Progress {
     pub dirty_rate: u64,
     /// RAM checkpoint bytes sent (encoded).
     pub ram_bytes_sent: u64,
+    /// Link throughput of the last round's checkpoint (bytes per second,
+    /// encoded bytes over the time until the target's acknowledgement).
+    pub bandwidth: u64,
     /// Guest RAM size.
     pub ram_bytes: u64,
     /// Time of the last hash scan plus encode (ms): the floor of the pause.

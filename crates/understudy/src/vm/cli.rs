@@ -148,7 +148,7 @@ pub fn run(control: &Path, cmd: VmCmd) -> Result<()> {
 /// One line of a migration's progress.
 fn migration_text(m: &Value) -> String {
     let mut s = format!(
-        "{} to {}: {} rounds, dirty rate {}/s, RAM sent {}, device state {}",
+        "{} to {}: {} rounds, dirty rate {}/s, RAM sent {}{} at {}/s, device state {}",
         m["phase"].as_str().unwrap_or("?"),
         m["target_node"]
             .as_str()
@@ -157,6 +157,12 @@ fn migration_text(m: &Value) -> String {
         m["rounds"],
         bytesize(m["dirty_rate"].as_u64()),
         bytesize(m["ram_bytes_sent"].as_u64()),
+        if m["incremental"] == true {
+            " (incremental)"
+        } else {
+            ""
+        },
+        bytesize(m["bandwidth"].as_u64()),
         bytesize(m["state_bytes"].as_u64()),
     );
     if m["throttle_pct"].as_u64().unwrap_or(0) > 0 {

@@ -189,30 +189,7 @@ impl VmHost {
             Msg::Prepare => {}
             _ => bail!("expected Prepare"),
         }
-        for d in &hello.disks {
-            if !host.has_export(&d.export) {
-                bail!(
-                    "disk {} (export {}) is not served on the target after its migration",
-                    d.name,
-                    d.export
-                );
-            }
-        }
-        self.ensure_listener()?;
-        let mode = LaunchMode {
-            incoming: true,
-            paused: true,
-            reuse_ram: true,
-        };
-        let vm = self.runner.start(spec, mode)?;
-        set_ignore_shared(&vm)?;
-        let sock = vm.paths().state_dir.join("migrate-in.sock");
-        vm.qmp()
-            .execute(
-                "migrate-incoming",
-                Some(json!({"uri": format!("unix:{}", sock.display())})),
-            )
-            .context("QMP migrate-incoming on the target")?;
+        let (vm, sock) = self.start_receiving_qemu(hello, spec, host)?;
         Msg::Ready.send(&tx)?;
         let mut stream = connect_within(&sock, Duration::from_secs(60))?;
         let (bytes, ram_seq) = pump::recv_stream(link, &mut stream)?;
@@ -240,6 +217,42 @@ impl VmHost {
         }
         tracing::info!(vm = %hello.vm, generation, "VM migrated here and running");
         Ok(())
+    }
+
+    /// The receiving QEMU: on the RAM file, with the disks this daemon
+    /// now serves, paused, listening for the device state on a Unix socket
+    /// of its state directory (returned).
+    fn start_receiving_qemu(
+        &self,
+        hello: &Hello,
+        spec: VmSpec,
+        host: &dyn ExportHost,
+    ) -> Result<(Arc<understudy_vm::Vm>, PathBuf)> {
+        for d in &hello.disks {
+            if !host.has_export(&d.export) {
+                bail!(
+                    "disk {} (export {}) is not served on the target after its migration",
+                    d.name,
+                    d.export
+                );
+            }
+        }
+        self.ensure_listener()?;
+        let mode = LaunchMode {
+            incoming: true,
+            paused: true,
+            reuse_ram: true,
+        };
+        let vm = self.runner.start(spec, mode)?;
+        set_ignore_shared(&vm)?;
+        let sock = vm.paths().state_dir.join("migrate-in.sock");
+        vm.qmp()
+            .execute(
+                "migrate-incoming",
+                Some(json!({"uri": format!("unix:{}", sock.display())})),
+            )
+            .context("QMP migrate-incoming on the target")?;
+        Ok((vm, sock))
     }
 
     /// Answer a source that lost the commit's answer: once no migration of

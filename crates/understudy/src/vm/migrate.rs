@@ -76,19 +76,13 @@ enum Outcome {
 }
 
 impl VmHost {
+    /// `vm.migrate`: check, then run the migration in its own thread; the
+    /// answer is the first progress (follow it with `vm.status`).
     pub(super) fn migrate(
         &self,
         p: MigrateParams,
         host: &dyn ExportHost,
     ) -> Result<Value, ApiError> {
-        let vm = self.runner.get(&p.name).map_err(|e| vm_error(&e))?;
-        let manager = host.migration();
-        let peer = manager.peer().ok_or_else(|| {
-            ApiError::new(
-                "unsupported",
-                "this daemon has no --peer-key: restart it with --peer-key FILE (the key the target uses) to migrate VMs",
-            )
-        })?;
         let mut migrations = self.migrations.lock();
         if migrations
             .get(&p.name)
@@ -102,6 +96,34 @@ impl VmHost {
                 ),
             ));
         }
+        let src = self.source(&p, host)?;
+        let progress = src.progress.clone();
+        let after = Departure {
+            runner: self.runner.clone(),
+            disks: self.disks.clone(),
+            owners: self.owners.clone(),
+            departed: self.departed.clone(),
+        };
+        std::thread::Builder::new()
+            .name("vm-migrate".into())
+            .spawn(move || src.run_and_report(&after))
+            .map_err(|e| ApiError::new("io", format!("cannot start the migration thread: {e}")))?;
+        let v = json!(*progress.lock());
+        migrations.insert(p.name, progress);
+        Ok(v)
+    }
+
+    /// What the migration of `p.name` needs: the VM, the peer settings,
+    /// its disks' exports, its lineage.
+    fn source(&self, p: &MigrateParams, host: &dyn ExportHost) -> Result<Source, ApiError> {
+        let vm = self.runner.get(&p.name).map_err(|e| vm_error(&e))?;
+        let manager = host.migration();
+        let peer = manager.peer().ok_or_else(|| {
+            ApiError::new(
+                "unsupported",
+                "this daemon has no --peer-key: restart it with --peer-key FILE (the key the target uses) to migrate VMs",
+            )
+        })?;
         let uses = self.disks.lock().get(&p.name).cloned().unwrap_or_default();
         let disks = vm
             .spec()
@@ -130,54 +152,16 @@ impl VmHost {
             .get(&p.name)
             .cloned()
             .unwrap_or_else(|| (uuid::Uuid::new_v4().to_string(), 0));
-        let src = Source {
+        Ok(Source {
             vm,
-            to: p.to,
+            to: p.to.clone(),
             peer,
             manager,
             disks,
             cfg,
-            progress: progress.clone(),
+            progress,
             owner,
-        };
-        let after = Departure {
-            runner: self.runner.clone(),
-            disks: self.disks.clone(),
-            owners: self.owners.clone(),
-            departed: self.departed.clone(),
-        };
-        let name = p.name.clone();
-        std::thread::Builder::new()
-            .name("vm-migrate".into())
-            .spawn(move || {
-                let t0 = Instant::now();
-                let r = src.run();
-                if let Ok(Outcome::Done) = &r {
-                    after.left(&src);
-                }
-                let mut pr = src.progress.lock();
-                pr.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-                match r {
-                    Ok(Outcome::Done) => {
-                        pr.phase = Phase::Completed;
-                        tracing::info!(vm = %name, "VM migrated");
-                    }
-                    Ok(Outcome::InDoubt(e)) => {
-                        pr.phase = Phase::InDoubt;
-                        pr.error = Some(format!("{e:#}"));
-                        tracing::error!(vm = %name, "VM migration in doubt: {e:#}");
-                    }
-                    Err(e) => {
-                        pr.phase = Phase::Failed;
-                        pr.error = Some(format!("{e:#}"));
-                        tracing::warn!(vm = %name, "VM migration failed; the VM stays here: {e:#}");
-                    }
-                }
-            })
-            .map_err(|e| ApiError::new("io", format!("cannot start the migration thread: {e}")))?;
-        let v = json!(*progress.lock());
-        migrations.insert(p.name, progress);
-        Ok(v)
+        })
     }
 }
 
@@ -237,6 +221,34 @@ fn keep_copy(ram_file: &std::path::Path, pages: u64) -> Result<()> {
 }
 
 impl Source {
+    /// The migration thread: run, clean up after a move, report the end.
+    fn run_and_report(&self, after: &Departure) {
+        let name = self.vm.name().to_string();
+        let t0 = Instant::now();
+        let r = self.run();
+        if let Ok(Outcome::Done) = &r {
+            after.left(self);
+        }
+        let mut pr = self.progress.lock();
+        pr.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        match r {
+            Ok(Outcome::Done) => {
+                pr.phase = Phase::Completed;
+                tracing::info!(vm = %name, "VM migrated");
+            }
+            Ok(Outcome::InDoubt(e)) => {
+                pr.phase = Phase::InDoubt;
+                pr.error = Some(format!("{e:#}"));
+                tracing::error!(vm = %name, "VM migration in doubt: {e:#}");
+            }
+            Err(e) => {
+                pr.phase = Phase::Failed;
+                pr.error = Some(format!("{e:#}"));
+                tracing::warn!(vm = %name, "VM migration failed; the VM stays here: {e:#}");
+            }
+        }
+    }
+
     fn set(&self, f: impl FnOnce(&mut Progress)) {
         f(&mut self.progress.lock());
     }
@@ -333,6 +345,9 @@ impl Source {
             p.last_dirty_pages = r.dirty_pages;
             p.dirty_rate = r.dirty_rate();
             p.ram_bytes_sent += r.wire_bytes;
+            if !r.transfer.is_zero() {
+                p.bandwidth = (r.wire_bytes as f64 / r.transfer.as_secs_f64()) as u64;
+            }
             p.scan_ms = (r.read + r.encode).as_secs_f64() * 1e3;
         });
     }
