@@ -108,6 +108,13 @@ pub trait TargetHooks: Send + Sync {
     /// This node owns `export` now: offer it to clients (and to later
     /// migrations). `persister` persists its bitmaps; keep it running.
     fn serve(&self, export: SourceExport, persister: Option<Persister>);
+    /// An authenticated link whose purpose is not `migrate` arrived on the
+    /// listener: take it (and return `None`) if the daemon serves that
+    /// purpose, or hand it back to be refused. Runs on the link's own
+    /// thread. Default: refuse every other purpose.
+    fn other_link(&self, link: Link) -> Option<Link> {
+        Some(link)
+    }
 }
 
 /// The accept loop.
@@ -162,6 +169,9 @@ impl TargetService {
                         .spawn(move || match Link::accept(stream, &cfg.peer) {
                             Ok(link) => {
                                 if link.peer().purpose != PURPOSE {
+                                    let Some(link) = hooks.other_link(link) else {
+                                        return;
+                                    };
                                     let _ = link.send_error(
                                         understudy_peer::error_code::UNSUPPORTED,
                                         "this listener serves migrations only (purpose \"migrate\")",

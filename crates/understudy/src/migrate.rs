@@ -147,7 +147,14 @@ pub struct Manager {
     persisters: Mutex<Vec<Persister>>,
     /// Exports served from the migration directory (closed at shutdown).
     received: Mutex<Vec<String>>,
+    /// Takes peer links of other purposes (VM migrations).
+    link_handler: Mutex<Option<LinkHandler>>,
 }
+
+/// What the daemon does with a peer link of a purpose other than `migrate`:
+/// `None` when taken, the link back when refused.
+pub type LinkHandler =
+    Arc<dyn Fn(understudy_peer::Link) -> Option<understudy_peer::Link> + Send + Sync>;
 
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,6 +187,14 @@ impl TargetHooks for Manager {
         }
         self.exports.lock().insert(export.name.clone(), export);
     }
+
+    fn other_link(&self, link: understudy_peer::Link) -> Option<understudy_peer::Link> {
+        let h = self.link_handler.lock().clone();
+        match h {
+            Some(h) => h(link),
+            None => Some(link),
+        }
+    }
 }
 
 impl Manager {
@@ -192,6 +207,51 @@ impl Manager {
             .iter()
             .filter_map(|n| exports.get(n).cloned())
             .collect()
+    }
+
+    /// Make an export opened while serving (a VM's disk) migratable.
+    pub fn register(&self, export: SourceExport) {
+        self.exports.lock().insert(export.name.clone(), export);
+    }
+
+    /// Forget an export [`Manager::register`]ed, unless a migration job of
+    /// it runs or it was handed over (it then stays for forwarding and an
+    /// incremental return).
+    pub fn unregister(&self, name: &str) {
+        let running = self.jobs.lock().get(name).is_some_and(|j| !j.is_finished());
+        let mut exports = self.exports.lock();
+        if !running && exports.get(name).is_some_and(|e| e.switch.is_local()) {
+            exports.remove(name);
+        }
+    }
+
+    /// The peer link settings (`--peer-key`), if any.
+    pub fn peer(&self) -> Option<PeerConfig> {
+        self.peer.clone()
+    }
+
+    /// Route peer links of other purposes to `h` (VM migrations).
+    pub fn set_link_handler(&self, h: LinkHandler) {
+        *self.link_handler.lock() = Some(h);
+    }
+
+    /// Start a disk migration job of `export` (as `migration.start`).
+    pub fn start_job(
+        &self,
+        export: &str,
+        to: &str,
+        max_downtime: Duration,
+    ) -> Result<Status, (&'static str, String)> {
+        let v = self.handle_inner(
+            "migration.start",
+            &json!({"export": export, "to": to, "max_downtime_ms": max_downtime.as_secs_f64() * 1e3}),
+        )?;
+        serde_json::from_value(v).map_err(|e| ("internal", e.to_string()))
+    }
+
+    /// The status of the last migration job of `export`.
+    pub fn job_status(&self, export: &str) -> Option<Status> {
+        self.jobs.lock().get(export).map(|j| j.status())
     }
 
     /// Set up migration for the daemon: register `exports`, serve the owned
@@ -224,6 +284,7 @@ impl Manager {
             target: Mutex::default(),
             persisters: Mutex::default(),
             received: Mutex::default(),
+            link_handler: Mutex::default(),
         });
         if let Some(cfg) = target_cfg {
             std::fs::create_dir_all(&cfg.dir).with_context(|| {

@@ -391,7 +391,7 @@ impl Daemon {
         )?;
         let vms = crate::vm::VmHost::new(&args.vm, &args.control, args.socket.first(), &nbd)?;
         let (stop_tx, stop_rx) = mpsc::channel();
-        Ok(Arc::new(Self {
+        let daemon = Arc::new(Self {
             exports: RwLock::new(exports),
             intent_extent_size: parse_size(&args.intent_extent).context("--intent-extent")?,
             persist_interval: args.persist_interval,
@@ -402,7 +402,16 @@ impl Daemon {
             tcp_addrs,
             stop_tx,
             stop_rx: Mutex::new(Some(stop_rx)),
-        }))
+        });
+        // VM migrations arrive on the migration listener (purpose dispatch).
+        let weak = Arc::downgrade(&daemon);
+        daemon
+            .migration
+            .set_link_handler(Arc::new(move |link| match weak.upgrade() {
+                Some(d) => d.vms.accept_link(link, &*d),
+                None => Some(link),
+            }));
+        Ok(daemon)
     }
 
     /// Ask the daemon to stop (from a signal or the control API).
@@ -796,9 +805,16 @@ impl crate::vm::ExportHost for Daemon {
             );
         }
         self.nbd.exports().insert(nbd_export(&st));
+        if let Some(m) = &st.migratable {
+            self.migration.register(m.clone());
+        }
         exports.insert(spec.name.clone(), st);
         tracing::info!(export = %spec.name, vm, path = %spec.path.display(), "export opened for a VM");
         Ok(())
+    }
+
+    fn migration(&self) -> Arc<crate::migrate::Manager> {
+        self.migration.clone()
     }
 
     fn release_export(&self, name: &str) -> Result<()> {
@@ -807,6 +823,7 @@ impl crate::vm::ExportHost for Daemon {
             .write()
             .remove(name)
             .with_context(|| format!("no export named {name:?} to release"))?;
+        self.migration.unregister(name);
         if let Some(e) = self.nbd.exports().remove(name) {
             wait_unused(name, &e, Duration::from_secs(10));
         }

@@ -14,12 +14,15 @@
 //! that then fails to start are released again.
 
 mod cli;
+mod incoming;
+mod migrate;
 mod spec;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -87,6 +90,8 @@ pub trait ExportHost {
     /// Unregister an export opened by [`ExportHost::open_export`], flush it
     /// and close its bitmaps.
     fn release_export(&self, name: &str) -> Result<()>;
+    /// The disk migration manager (peer settings, disk jobs).
+    fn migration(&self) -> Arc<crate::migrate::Manager>;
 }
 
 /// A refused control request: a stable code and a message that says what
@@ -138,6 +143,17 @@ struct DiskUse {
     opened: bool,
 }
 
+/// A VM that moved to another daemon, leaving its RAM copy here: a return
+/// of the same lineage at this generation or later sends only the pages
+/// that differ.
+#[derive(Debug, Clone)]
+struct Departed {
+    lineage: String,
+    /// The generation the other daemon committed.
+    generation: u64,
+    ram_file: PathBuf,
+}
+
 /// A VM about to start: its final spec and what its disks need.
 struct Plan {
     spec: understudy_vm::VmSpec,
@@ -173,7 +189,7 @@ struct StopParams {
 
 /// The daemon's VMs.
 pub struct VmHost {
-    runner: Runner,
+    runner: Arc<Runner>,
     dir: PathBuf,
     ram_dir: String,
     /// The NBD socket QEMU connects to.
@@ -183,7 +199,16 @@ pub struct VmHost {
     nbd: Server,
     listener: Mutex<Option<JoinHandle<()>>>,
     /// Each VM's disk exports, in spec order.
-    disks: Mutex<BTreeMap<String, Vec<DiskUse>>>,
+    disks: Arc<Mutex<BTreeMap<String, Vec<DiskUse>>>>,
+    /// Each VM's lineage and ownership generation (migrations check them).
+    owners: Arc<Mutex<BTreeMap<String, (String, u64)>>>,
+    /// Outgoing migrations by VM name (the last one of each VM).
+    migrations: Mutex<BTreeMap<String, Arc<Mutex<understudy_vm_migration::Progress>>>>,
+    /// VMs that moved away, whose RAM copy is kept for an incremental
+    /// return (removed at daemon stop or when a VM of the name starts).
+    departed: Arc<Mutex<BTreeMap<String, Departed>>>,
+    /// Incoming migrations by id, until their RAM link attaches.
+    incoming: Mutex<BTreeMap<String, Arc<incoming::Incoming>>>,
     /// Serialises start, stop and shutdown; true once the daemon stops.
     op: Mutex<bool>,
 }
@@ -240,14 +265,18 @@ impl VmHost {
             ..RunnerConfig::default()
         };
         Ok(Self {
-            runner: Runner::new(cfg, Some(tx)),
+            runner: Arc::new(Runner::new(cfg, Some(tx))),
             dir,
             ram_dir: ram_dir.to_string(),
             socket,
             internal,
             nbd: nbd.clone(),
             listener: Mutex::new(None),
-            disks: Mutex::new(BTreeMap::new()),
+            disks: Arc::default(),
+            owners: Arc::default(),
+            migrations: Mutex::default(),
+            departed: Arc::default(),
+            incoming: Mutex::default(),
             op: Mutex::new(false),
         })
     }
@@ -257,13 +286,11 @@ impl VmHost {
         let r = match method {
             "vm.start" => parse_params(method, params).and_then(|p| self.start(p, host)),
             "vm.list" => Ok(json!(self.entries())),
-            "vm.status" => parse_params(method, params).and_then(|p: StatusParams| {
-                let st = self.runner.status(&p.name).map_err(|e| vm_error(&e))?;
-                Ok(json!(self.entry(st)))
-            }),
+            "vm.status" => parse_params(method, params).and_then(|p| self.status(p)),
+            "vm.migrate" => parse_params(method, params).and_then(|p| self.migrate(p, host)),
             "vm.stop" => parse_params(method, params).and_then(|p| self.stop(p, host)),
             m => Err(ApiError::bad_request(format!(
-                "unknown method {m:?}; the VM methods are vm.start, vm.list, vm.status, vm.stop (docs/control-api.md)"
+                "unknown method {m:?}; the VM methods are vm.start, vm.list, vm.status, vm.stop, vm.migrate (docs/control-api.md)"
             ))),
         };
         match r {
@@ -289,6 +316,10 @@ impl VmHost {
                 ),
             ));
         }
+        if let Some(d) = self.departed.lock().remove(&p.name) {
+            // A new VM of that name: the old copy is no base for it.
+            incoming::remove_ram(&d.ram_file);
+        }
         let parsed = spec::parse(&p.name, spec::spec_object(p.spec)?, &self.ram_dir)?;
         let plan = self.plan(parsed, host)?;
         self.ensure_listener()
@@ -299,7 +330,9 @@ impl VmHost {
         self.open_all(&plan, host)?;
         match self.runner.start(plan.spec, LaunchMode::default()) {
             Ok(vm) => {
-                self.disks.lock().insert(p.name, plan.uses);
+                self.disks.lock().insert(p.name.clone(), plan.uses);
+                let lineage = uuid::Uuid::new_v4().to_string();
+                self.owners.lock().insert(p.name, (lineage, 0));
                 Ok(json!(self.entry(vm.status())))
             }
             Err(e) => {
@@ -524,6 +557,9 @@ impl VmHost {
             let uses = self.disks.lock().remove(&name).unwrap_or_default();
             failed.extend(self.release_uses(&name, &uses, host));
         }
+        for (_, d) in std::mem::take(&mut *self.departed.lock()) {
+            incoming::remove_ram(&d.ram_file);
+        }
         if self.internal && self.listener.lock().is_some() {
             let _ = std::fs::remove_file(&self.socket);
         }
@@ -534,6 +570,29 @@ impl VmHost {
     pub fn join(&mut self) {
         if let Some(t) = self.listener.get_mut().take() {
             let _ = t.join();
+        }
+    }
+
+    /// `vm.status`: the VM with its last migration's progress, or only
+    /// that progress once the VM has moved away.
+    fn status(&self, p: StatusParams) -> Result<Value, ApiError> {
+        let progress = self
+            .migrations
+            .lock()
+            .get(&p.name)
+            .map(|m| json!(*m.lock()));
+        match self.runner.status(&p.name) {
+            Ok(st) => {
+                let mut v = json!(self.entry(st));
+                if let Some(m) = progress {
+                    v["migration"] = m;
+                }
+                Ok(v)
+            }
+            Err(e) => match progress {
+                Some(m) => Ok(json!({"name": p.name, "state": "migrated", "migration": m})),
+                None => Err(vm_error(&e)),
+            },
         }
     }
 

@@ -41,6 +41,26 @@ pub enum VmCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Move a running VM live to another daemon with its disks, RAM and
+    /// device state (docs/vm.md).
+    Migrate(MigrateArgs),
+}
+
+/// `understudy vm migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// VM name.
+    pub name: String,
+    /// The target daemon's migration address (its --peer-listen).
+    #[arg(long)]
+    pub to: String,
+    /// Switch over once a RAM round (and the disks) fit in this pause;
+    /// a guest that dirties memory faster is throttled (stop/cont).
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub max_downtime: std::time::Duration,
+    /// Print progress as JSON lines (one object per line).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `understudy vm start`.
@@ -89,9 +109,21 @@ pub fn run(control: &Path, cmd: VmCmd) -> Result<()> {
     match cmd {
         VmCmd::Start(a) => start(control, &a),
         VmCmd::List { json } => list(control, json),
+        VmCmd::Migrate(a) => migrate(control, &a),
         VmCmd::Status { name, json } => {
             let r = Client::connect(control)?.call("vm.status", json!({"name": name}))?;
-            let e: VmEntry = serde_json::from_value(r)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            if r["state"] == "migrated" {
+                println!(
+                    "VM {name} migrated away: {}",
+                    migration_text(&r["migration"])
+                );
+                return Ok(());
+            }
+            let e: VmEntry = serde_json::from_value(r.clone())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&e)?);
             } else {
@@ -110,6 +142,98 @@ pub fn run(control: &Path, cmd: VmCmd) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// One line of a migration's progress.
+fn migration_text(m: &Value) -> String {
+    let mut s = format!(
+        "{} to {}: {} rounds, dirty rate {}/s, RAM sent {}{} at {}/s, device state {}",
+        m["phase"].as_str().unwrap_or("?"),
+        m["target_node"]
+            .as_str()
+            .or(m["to"].as_str())
+            .unwrap_or("?"),
+        m["rounds"],
+        bytesize(m["dirty_rate"].as_u64()),
+        bytesize(m["ram_bytes_sent"].as_u64()),
+        if m["incremental"] == true {
+            " (incremental)"
+        } else {
+            ""
+        },
+        bytesize(m["bandwidth"].as_u64()),
+        bytesize(m["state_bytes"].as_u64()),
+    );
+    if m["throttle_pct"].as_u64().unwrap_or(0) > 0 {
+        s.push_str(&format!(
+            ", guest throttled {}% (stop/cont)",
+            m["throttle_pct"]
+        ));
+    }
+    if let Some(d) = m["downtime_ms"].as_f64() {
+        s.push_str(&format!(
+            ", pause {d:.1} ms, total {:.0} ms",
+            m["total_ms"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if let Some(e) = m["error"].as_str() {
+        s.push_str(&format!(": {e}"));
+    }
+    s
+}
+
+fn bytesize(b: Option<u64>) -> String {
+    let b = b.unwrap_or(0) as f64;
+    if b >= 1048576.0 {
+        format!("{:.1} MiB", b / 1048576.0)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// `vm migrate`: start it, then follow `vm.status` until it ends.
+fn migrate(control: &Path, a: &MigrateArgs) -> Result<()> {
+    let mut c = Client::connect(control)?;
+    c.call(
+        "vm.migrate",
+        json!({"name": a.name, "to": a.to, "max_downtime_ms": a.max_downtime.as_secs_f64() * 1e3}),
+    )?;
+    let mut last = String::new();
+    let m = loop {
+        let r = c.call("vm.status", json!({"name": a.name}))?;
+        let m = r["migration"].clone();
+        let line = if a.json {
+            serde_json::to_string(&m)?
+        } else {
+            migration_text(&m)
+        };
+        if line != last {
+            if a.json {
+                println!("{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last = line;
+        }
+        let phase = m["phase"].as_str().unwrap_or("");
+        if matches!(phase, "completed" | "failed" | "indoubt") {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    match m["phase"].as_str() {
+        Some("completed") => {
+            if !a.json {
+                println!("migrated VM {}: {}", a.name, migration_text(&m));
+            }
+            Ok(())
+        }
+        _ => bail!(
+            "the migration of VM {} did not complete: {}",
+            a.name,
+            m["error"].as_str().unwrap_or("no detail")
+        ),
     }
 }
 
