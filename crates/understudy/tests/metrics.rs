@@ -454,3 +454,72 @@ fn a_migration_shows_in_the_source_metrics() {
         1.0
     );
 }
+
+/// The guest kernel and initramfs of `scripts/guest/build.sh`, or `None`
+/// (as in tests/vm.rs: the test then passes unexercised unless
+/// `UNDERSTUDY_REQUIRE_GUEST=1`).
+fn guest() -> Option<(String, String)> {
+    let dir = std::env::var_os("UNDERSTUDY_GUEST_CACHE").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/understudy/guest")
+        },
+        Into::into,
+    );
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
+    if k.is_file() && i.is_file() {
+        return Some((k.display().to_string(), i.display().to_string()));
+    }
+    let required = std::env::var_os("UNDERSTUDY_REQUIRE_GUEST").is_some_and(|v| v == "1");
+    assert!(!required, "guest artefacts missing in {}", dir.display());
+    eprintln!("guest artefacts not built (scripts/guest/build.sh); test not exercised");
+    None
+}
+
+#[test]
+fn a_running_vm_is_reported_until_it_stops() {
+    let Some((kernel, initrd)) = guest() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "d.img", "4M");
+    let (server, port) = start_with_metrics(
+        tmp.path(),
+        &["--export", &format!("name=d,path={}", img.display())],
+    );
+    let name = format!("ut-metrics-{}", std::process::id());
+    let running = |m: &Scrape| m.get("understudy_vm_running", &[("vm", &name)]);
+    assert_eq!(running(&scrape(port)), None);
+    server.ctl_ok(&[
+        "vm",
+        "start",
+        &name,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--append",
+        "console=ttyS0 quiet panic=-1 mode=idle",
+        "--memory",
+        "128M",
+    ]);
+    wait_until("the VM is reported running", || {
+        running(&scrape(port)) == Some(1.0)
+    });
+    let m = scrape(port);
+    let states: Vec<(String, f64)> = m
+        .of("understudy_vm_state")
+        .filter(|s| s.labels["vm"] == name)
+        .map(|s| (s.labels["state"].clone(), s.value))
+        .collect();
+    assert_eq!(states.len(), 4, "{states:?}");
+    assert!(
+        states
+            .iter()
+            .all(|(s, v)| *v == f64::from(u8::from(s == "running"))),
+        "{states:?}"
+    );
+    server.ctl_ok(&["vm", "stop", &name]);
+    assert_eq!(running(&scrape(port)), None, "a stopped VM is not listed");
+    assert!(server.stop());
+}
