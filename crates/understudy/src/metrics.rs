@@ -24,7 +24,7 @@ use crate::control::proto::{ExportEntry, JournalEntry, Request, VmEntry};
 use crate::control::server::Handler;
 use crate::serve::Daemon;
 
-pub use http::Endpoint;
+pub use http::{Endpoint, bind};
 
 /// Every migration phase, for the `phase` state set.
 const PHASES: [Phase; 9] = [
@@ -55,13 +55,14 @@ fn phase_name(p: Phase) -> &'static str {
 
 const VM_STATES: [&str; 4] = ["running", "paused", "exited", "unknown"];
 
-/// Serve `/metrics` for `daemon` on `addr` until [`Endpoint::stop`].
-pub fn start(addr: &str, daemon: &Arc<Daemon>) -> Result<Endpoint> {
+/// Serve `/metrics` for `daemon` on `listener` (from [`bind`]) until
+/// [`Endpoint::stop`].
+pub fn start(listener: std::net::TcpListener, daemon: &Arc<Daemon>) -> Result<Endpoint> {
     let mut registry = Registry::with_prefix("understudy");
     registry.register_collector(Box::new(DaemonCollector {
         daemon: Arc::downgrade(daemon),
     }));
-    Endpoint::start(addr, registry)
+    Endpoint::start(listener, registry)
 }
 
 /// Reads the daemon's state on each scrape. Weak: the endpoint must not

@@ -731,11 +731,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGTERM,
     ])
     .context("installing signal handlers")?;
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
     let daemon = Daemon::start(&args)?;
     let control = ControlServer::start(&args.control, daemon.clone())?;
-    let metrics = match &args.metrics {
-        Some(addr) => {
-            let m = crate::metrics::start(addr, &daemon)?;
+    let metrics = match metrics {
+        Some(listener) => {
+            let m = crate::metrics::start(listener, &daemon)?;
             tracing::info!("serving metrics on http://{}/metrics", m.local_addr());
             Some(m)
         }

@@ -523,3 +523,30 @@ fn a_running_vm_is_reported_until_it_stops() {
     assert_eq!(running(&scrape(port)), None, "a stopped VM is not listed");
     assert!(server.stop());
 }
+
+#[test]
+fn a_taken_metrics_port_fails_the_start_before_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "d.img", "4M");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let control = tmp.path().join("ctl.sock");
+    let out = run_raw(
+        bin(),
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--control",
+            control.to_str().unwrap(),
+            "--export",
+            &format!("name=d,path={}", img.display()),
+            "--metrics",
+            &addr,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot listen for metrics"), "{err}");
+    assert!(!control.exists(), "nothing was served");
+}

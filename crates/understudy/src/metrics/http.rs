@@ -23,6 +23,16 @@ const MAX_SCRAPES: usize = 4;
 /// Read and write timeout of a scrape connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bind the metrics address; done before any image is opened so a taken
+/// port fails the start cleanly.
+pub fn bind(addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).with_context(|| {
+        format!(
+            "cannot listen for metrics on {addr}: is the port in use? pick another with --metrics"
+        )
+    })
+}
+
 #[derive(Debug)]
 struct Shared {
     registry: Registry,
@@ -39,11 +49,8 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Listen on `addr` and answer scrapes with `registry`.
-    pub fn start(addr: &str, registry: Registry) -> Result<Self> {
-        let listener = TcpListener::bind(addr).with_context(|| {
-            format!("cannot listen for metrics on {addr}: is the port in use? pick another with --metrics")
-        })?;
+    /// Answer scrapes on `listener` (from [`bind`]) with `registry`.
+    pub fn start(listener: TcpListener, registry: Registry) -> Result<Self> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             registry,
