@@ -46,7 +46,7 @@ use understudy_nbd_proto::{
 use crate::dispatch::{self, ReplyBuf, Target, Worker};
 use crate::export::{Catalog, Export};
 use crate::server::{Shared, WORKER_STACK};
-use crate::stats::bump;
+use crate::stats::{RequestOp, bump};
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::tls::{self, NbdTls, TlsError, TlsReader, TlsWriter};
 
@@ -130,6 +130,8 @@ pub(crate) fn serve(shared: &Arc<Shared>, id: u64, stream: Stream) -> Result<(),
         .set_read_timeout(Some(shared.config.idle_worker_timeout))
         .and_then(|()| control.set_write_timeout(shared.config.write_timeout))
         .map_err(ConnError::Setup)?;
+    // Counted down when the last worker drops the connection (Conn::drop).
+    bump(&neg.export.counters.connections_active, 1);
     let conn = Arc::new(Conn {
         id,
         shared: shared.clone(),
@@ -229,6 +231,15 @@ fn upgrade(
     link.reader = BufReader::with_capacity(READ_BUFFER, ReadHalf::Tls(reader));
     link.writer = WriteHalf::Tls(TlsWriter::new(wsock, session));
     Ok(())
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.export
+            .counters
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A write-like request in flight (see [`Conn::begin_write`]).
@@ -344,6 +355,7 @@ impl Conn {
             contexts: &self.contexts,
             structured: self.structured,
             stats: &self.shared.stats,
+            export: &self.export.counters,
         }
     }
 
@@ -431,6 +443,10 @@ impl Conn {
                 _ => {}
             }
             drop(reader);
+            // Latency runs from the request being read (payload included)
+            // to its reply being sent.
+            let started = Instant::now();
+            w.failed = false;
             if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.maybe_spawn();
             }
@@ -465,6 +481,10 @@ impl Conn {
                 }
             };
             self.send(&w, reply);
+            if let Some(op) = RequestOp::from_command(req.command) {
+                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.export.counters.record(op, nanos, w.failed);
+            }
             w.trim();
             self.waiting.fetch_add(1, Ordering::AcqRel);
         }
@@ -606,7 +626,7 @@ mod tests {
     use understudy_nbd_proto::wire::{CMD_WRITE, FLAG_HAS_FLAGS};
 
     use super::*;
-    use crate::stats::Counters;
+    use crate::stats::{Counters, ExportCounters};
 
     const SIZE: u64 = 4 << 20;
 
@@ -695,6 +715,7 @@ mod tests {
             panic!("a well-formed WRITE of {len} bytes was not accepted");
         };
         let stats = Counters::default();
+        let export = ExportCounters::default();
         let t = Target {
             disk,
             dirty: None,
@@ -702,6 +723,7 @@ mod tests {
             contexts: &[],
             structured: false,
             stats: &stats,
+            export: &export,
         };
         assert_eq!(dispatch::execute(&t, w, valid), ReplyBuf::Out);
     }

@@ -11,7 +11,7 @@ use understudy_nbd_proto::wire::*;
 use understudy_nbd_proto::{MetaContext, NbdErrno, Op, SelectedContext, ValidRequest};
 
 use crate::export::{DirtyMapSource, OrderSupport};
-use crate::stats::{Counters, bump};
+use crate::stats::{Counters, ExportCounters, bump};
 
 /// Structured reads at least this long ask the disk for holes first, so
 /// sparse regions go out as `OFFSET_HOLE` chunks instead of zero bytes.
@@ -45,6 +45,9 @@ pub(crate) struct Worker {
     /// Small replies, error chunks and block status chunks.
     pub out: Vec<u8>,
     plan: Vec<Seg>,
+    /// The current request was answered with an error (for the
+    /// per-export error counter); cleared before each request.
+    pub failed: bool,
 }
 
 impl Worker {
@@ -107,6 +110,8 @@ pub(crate) struct Target<'a> {
     pub contexts: &'a [SelectedContext],
     pub structured: bool,
     pub stats: &'a Counters,
+    /// The export's own counters.
+    pub export: &'a ExportCounters,
 }
 
 fn command_name(command: u16) -> &'static str {
@@ -140,6 +145,7 @@ pub(crate) fn errno_for(e: &BlockError, write_like: bool) -> NbdErrno {
 
 fn fail(t: &Target<'_>, w: &mut Worker, cookie: u64, errno: NbdErrno, msg: &str) -> ReplyBuf {
     bump(&t.stats.request_errors, 1);
+    w.failed = true;
     w.out.clear();
     if t.structured {
         error_chunk(&mut w.out, cookie, errno, msg, true);
@@ -177,6 +183,7 @@ pub(crate) fn reject(
     errno: NbdErrno,
 ) -> ReplyBuf {
     bump(&t.stats.invalid_requests, 1);
+    w.failed = true;
     let msg = format!(
         "{} request refused with {errno}: check flags, bounds and negotiated features",
         command_name(command)
@@ -213,6 +220,7 @@ pub(crate) fn execute(t: &Target<'_>, w: &mut Worker, v: ValidRequest) -> ReplyB
             ) {
                 Ok(()) => {
                     bump(&s.bytes_written, u64::from(len));
+                    bump(&t.export.bytes_written, u64::from(len));
                     ok(w, cookie)
                 }
                 Err(e) => io_fail(t, w, cookie, &e, true),
@@ -350,6 +358,7 @@ fn read(t: &Target<'_>, w: &mut Worker, cookie: u64, offset: u64, len: u32, df: 
             Ok(()) => {
                 w.buf[start..data].copy_from_slice(&simple_reply(cookie, 0));
                 bump(&t.stats.bytes_read, u64::from(len));
+                bump(&t.export.bytes_read, u64::from(len));
                 ReplyBuf::Buf {
                     start,
                     payload: data,
@@ -409,6 +418,7 @@ fn read(t: &Target<'_>, w: &mut Worker, cookie: u64, offset: u64, len: u32, df: 
         }
     }
     bump(&t.stats.bytes_read, u64::from(len));
+    bump(&t.export.bytes_read, u64::from(len));
     ReplyBuf::Buf {
         start,
         payload: start + first_header,

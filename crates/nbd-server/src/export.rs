@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::Arc;
 
+use crate::stats::{ExportCounters, ExportStats};
 use parking_lot::{Mutex, RwLock};
 use understudy_block::{Disk, Epoch};
 use understudy_nbd_proto::meta::QEMU_DIRTY_BITMAP_PREFIX;
@@ -58,9 +59,16 @@ pub struct Export {
     /// also serves plaintext (`NbdTls::required == false`). Plaintext
     /// clients get `NBD_REP_ERR_TLS_REQD` and do not see it listed.
     pub tls_required: bool,
+    /// Request counters of this export (see [`Export::stats`]).
+    pub(crate) counters: ExportCounters,
 }
 
 impl Export {
+    /// This export's request counters since it was created.
+    pub fn stats(&self) -> ExportStats {
+        self.counters.snapshot()
+    }
+
     /// A writable export without description or bitmaps.
     pub fn new(name: impl Into<String>, disk: Arc<dyn Disk>) -> Self {
         Self {
@@ -71,6 +79,7 @@ impl Export {
             dirty: None,
             ordering: None,
             tls_required: false,
+            counters: ExportCounters::default(),
         }
     }
 

@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use export::{DirtyMapSource, Export, ExportRegistry, MemoryDirtyMap, OrderSupport};
-pub use stats::Stats;
+pub use stats::{ExportStats, LATENCY_BUCKETS_NS, OpStats, RequestOp, Stats};
 pub use tls::NbdTls;
 
 /// Server settings.

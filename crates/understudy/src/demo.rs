@@ -71,6 +71,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         },
         migration: Default::default(),
         vm: Default::default(),
+        metrics: None,
     };
     let daemon = Daemon::start(&serve)?;
     let addr = daemon.tcp_addrs[0].to_string();

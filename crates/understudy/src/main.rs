@@ -5,6 +5,7 @@ mod certs;
 mod control;
 mod demo;
 mod mem;
+mod metrics;
 mod migrate;
 mod nbd_client;
 mod nbd_tls;

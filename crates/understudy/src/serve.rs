@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// Running VMs (docs/vm.md).
     #[command(flatten)]
     pub vm: crate::vm::VmArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9810). Unauthenticated: bind it to localhost or a
+    /// management network (docs/security.md, "Metrics").
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// Default worker cap per connection: 2 per CPU, from 2 to 8.
@@ -458,6 +463,11 @@ impl Daemon {
         }
     }
 
+    /// The NBD server (for the metrics collector).
+    pub(crate) fn nbd(&self) -> &Server {
+        &self.nbd
+    }
+
     /// The names of the exports (`--export` and VM disks).
     fn export_names(&self) -> Vec<String> {
         self.exports.read().keys().cloned().collect()
@@ -730,8 +740,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGTERM,
     ])
     .context("installing signal handlers")?;
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
     let daemon = Daemon::start(&args)?;
     let control = ControlServer::start(&args.control, daemon.clone())?;
+    let metrics = match metrics {
+        Some(listener) => {
+            let m = crate::metrics::start(listener, &daemon)?;
+            tracing::info!("serving metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        None => None,
+    };
     let d2 = daemon.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -754,6 +777,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let why = daemon.wait_for_stop();
     tracing::info!("stopping ({why}): finishing in-flight requests, flushing, persisting bitmaps");
     control.stop();
+    if let Some(m) = metrics {
+        m.stop();
+    }
     let r = daemon.shutdown();
     daemon.join();
     if r.is_ok() {
