@@ -11,6 +11,8 @@ Prints one JSON object per migration, then a summary.
 import argparse, json, os, random, socket, statistics, subprocess, sys, tempfile, time
 
 BIN = os.environ.get("BIN", "target/release/understudy")
+# TLS=1: peer links over mutual TLS (understudy certs) instead of the PSK.
+TLS = os.environ.get("TLS") == "1"
 
 
 def free_port():
@@ -34,8 +36,18 @@ class Server:
         self.peer = f"127.0.0.1:{free_port()}"
         self.ctl = os.path.join(d, f"{name}.sock")
         self.log = open(os.path.join(d, f"{name}.log"), "w")
-        args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--control", self.ctl,
-                "--node-id", name, "--peer-key", os.path.join(d, "key"),
+        if TLS:
+            # Mutual TLS 1.3 on the peer link: a CA and a certificate per node.
+            pki = os.path.join(d, "pki")
+            if not os.path.exists(os.path.join(pki, "ca.pem")):
+                subprocess.run([BIN, "certs", "init", "--dir", pki], check=True, capture_output=True)
+            subprocess.run([BIN, "certs", "issue", "--dir", pki, name], check=True, capture_output=True)
+            auth = ["--peer-tls-cert", os.path.join(pki, f"{name}.pem"),
+                    "--peer-tls-key", os.path.join(pki, f"{name}-key.pem"),
+                    "--peer-tls-ca", os.path.join(pki, "ca.pem")]
+        else:
+            auth = ["--node-id", name, "--peer-key", os.path.join(d, "key")]
+        args = [BIN, "serve", "--listen", f"127.0.0.1:{self.port}", "--control", self.ctl] + auth + [
                 "--accept-migrations", os.path.join(d, f"{name}-in"), "--peer-listen", self.peer] + extra
         self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
         SERVERS.append(self)
