@@ -23,8 +23,16 @@
 //! `docs/replication.md`.
 #![warn(missing_docs)]
 
+mod backup;
 mod error;
 pub mod generation;
+mod observer;
+mod primary;
+mod session;
 pub mod wire;
 
+pub use backup::{Backup, BackupConfig, BackupStats, ReadOnlyView};
 pub use error::{DecodeError, RecordError, ReplicationError};
+pub use observer::ReplicaObserver;
+pub use primary::{BITMAP, DEFAULT_GRANULARITY, PURPOSE, Primary, PrimaryConfig, State, Status};
+pub use wire::Mode;

@@ -3,11 +3,14 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::PathBuf;
+#[cfg(any(test, feature = "testing"))]
 use std::sync::Arc;
 use std::time::Duration;
 
 use understudy_bitmap::StoreOptions;
-use understudy_block::{Disk, Format};
+#[cfg(any(test, feature = "testing"))]
+use understudy_block::Disk;
+use understudy_block::Format;
 use understudy_journal::JournalConfig;
 
 use crate::StackError;

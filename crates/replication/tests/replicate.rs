@@ -1,0 +1,381 @@
+//! A primary and a backup in one process, over a real loopback peer link,
+//! on real image files. Every wait is for an observable state, with a
+//! deadline.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use understudy_block::{Disk, DiskRead, DiskWrite, Format, WriteOpts};
+use understudy_journal::JournalConfig;
+use understudy_peer::{PeerConfig, PeerKey, PeerListener};
+use understudy_replication::generation::{self, Decision};
+use understudy_replication::{Backup, BackupConfig, Mode, Primary, PrimaryConfig, State, Status};
+use understudy_stack::{ExportStack, ImageSource, StackSpec};
+
+const SIZE: u64 = 16 << 20;
+const BLOCK: u64 = 64 << 10;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn link_cfg(node: &str) -> PeerConfig {
+    let key = PeerKey::from_bytes(&(0..32u8).collect::<Vec<_>>()).expect("key");
+    let mut c = PeerConfig::new(key).expect("config");
+    c.node_id = node.into();
+    c
+}
+
+fn stack(dir: &Path, name: &str, journal: bool) -> ExportStack {
+    let mut spec = StackSpec::new(name, dir.join(format!("{name}.img")));
+    spec.format = Some(Format::Raw);
+    spec.source = ImageSource::Create { size: SIZE };
+    if journal {
+        spec.journal = Some(JournalConfig {
+            capacity: 64 << 20,
+            ..JournalConfig::default()
+        });
+    }
+    ExportStack::open_writable(&spec).expect("open stack")
+}
+
+/// A backup listening on loopback, serving sessions one after another.
+struct BackupNode {
+    backup: Arc<Backup>,
+    addr: String,
+    _thread: JoinHandle<()>,
+}
+
+fn backup_node(dir: &Path, journal: bool, cfg: BackupConfig) -> BackupNode {
+    let backup = Arc::new(Backup::open(stack(dir, "b", journal), cfg).expect("backup"));
+    let listener = PeerListener::bind("127.0.0.1:0", &link_cfg("node-b")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let b = backup.clone();
+    let thread = std::thread::spawn(move || {
+        while let Ok((link, _)) = listener.accept() {
+            if let Err(e) = b.serve(link) {
+                eprintln!("backup session: {e}");
+            }
+        }
+    });
+    BackupNode {
+        backup,
+        addr,
+        _thread: thread,
+    }
+}
+
+fn primary_cfg(mode: Mode, addr: &str) -> PrimaryConfig {
+    let mut c = PrimaryConfig::new(mode, addr, link_cfg("node-a"));
+    c.reconnect_min = Duration::from_millis(20);
+    c.reconnect_max = Duration::from_millis(200);
+    c.clean_interval = Duration::from_millis(100);
+    c
+}
+
+fn read_all(d: &dyn Disk) -> Vec<u8> {
+    let mut v = vec![0u8; d.size() as usize];
+    d.read_at(&mut v, 0).expect("read");
+    v
+}
+
+fn block_of(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..BLOCK)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn wait(p: &Primary, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
+    let st = p.wait_for(DEADLINE, &pred);
+    assert!(pred(&st), "{what}: not reached within {DEADLINE:?}: {st:?}");
+    st
+}
+
+fn in_sync(s: &Status) -> bool {
+    s.state == State::InSync && s.lag_bytes == 0 && s.pending_bytes == 0
+}
+
+/// Wait until the backup reads exactly what the primary reads.
+fn wait_equal(primary: &dyn Disk, backup: &dyn Disk) {
+    let deadline = Instant::now() + DEADLINE;
+    let want = read_all(primary);
+    loop {
+        let got = read_all(backup);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backup never matched the primary"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes `n` random aligned blocks through the client path, flushing now
+/// and then; returns the blocks written.
+fn writer(disk: Arc<dyn Disk>, seed: u64, n: u64) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for i in 0..n {
+            let s = seed * 1_000_003 + i;
+            let off = (s.wrapping_mul(2_654_435_761) % (SIZE / BLOCK)) * BLOCK;
+            disk.write_at(&block_of(s), off, WriteOpts::default())
+                .expect("write");
+            if i % 16 == 15 {
+                disk.flush().expect("flush");
+            }
+        }
+        disk.flush().expect("flush");
+    })
+}
+
+fn seed_primary(a: &ExportStack) {
+    for i in 0..32 {
+        a.switch
+            .write_at(&block_of(900 + i), i * 3 * BLOCK, WriteOpts::default())
+            .expect("seed");
+    }
+}
+
+#[test]
+fn every_mode_moves_data_byte_exact_under_a_concurrent_writer() {
+    for mode in [Mode::Sync, Mode::Async, Mode::Epoch] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = stack(dir.path(), "a", false);
+        seed_primary(&a);
+        let b = backup_node(dir.path(), mode == Mode::Epoch, BackupConfig::default());
+        let mut cfg = primary_cfg(mode, &b.addr);
+        // Small enough that async and epoch fall behind and catch up.
+        cfg.max_lag = 1 << 20;
+        let p = Primary::start(&a, cfg).expect("start");
+        let w = writer(a.switch.clone(), 1, 400);
+        // A cut in the middle of the stream: the primary reconnects alone.
+        wait(&p, "first session", |s| {
+            s.sessions >= 1 && s.state != State::Connecting
+        });
+        p.cut_link();
+        w.join().expect("writer");
+        let st = wait(&p, "in sync", in_sync);
+        assert!(in_sync(&st), "{mode}: never in sync: {st:?}");
+        wait_equal(&*a.block, &*b.backup.stack().switch);
+        assert!(
+            st.sessions >= 2,
+            "{mode}: the cut link was not reconnected: {st:?}"
+        );
+        // Both records agree on the generation.
+        let pa = generation::load(&a.image).expect("load").expect("record");
+        assert_eq!(pa.gens, b.backup.record().gens, "{mode}");
+        p.stop().expect("stop");
+    }
+}
+
+#[test]
+fn sync_mode_holds_every_write_acknowledged_before_a_crash() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let p = Primary::start(&a, primary_cfg(Mode::Sync, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    let acked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (disk, log, halt) = (a.switch.clone(), acked.clone(), stop.clone());
+    let w = std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !halt.load(Ordering::SeqCst) {
+            let off = (i % (SIZE / BLOCK)) * BLOCK;
+            disk.write_at(&block_of(i), off, WriteOpts::default())
+                .expect("write");
+            log.lock().push((Instant::now(), off, i));
+            i += 1;
+        }
+    });
+    // Let some writes through, then "crash" the primary: its link dies and
+    // nothing more reaches the backup.
+    let deadline = Instant::now() + DEADLINE;
+    while acked.lock().len() < 200 {
+        assert!(Instant::now() < deadline, "writes do not complete");
+        std::thread::yield_now();
+    }
+    let crash = Instant::now();
+    p.disconnect();
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("writer");
+    let backup = b.backup.stack().switch.clone();
+    let mut latest = std::collections::HashMap::new();
+    for &(at, off, i) in acked.lock().iter() {
+        if at < crash {
+            latest.insert(off, i);
+        }
+    }
+    assert!(latest.len() >= 100, "too few writes before the crash");
+    for (off, i) in latest {
+        let mut buf = vec![0u8; BLOCK as usize];
+        backup.read_at(&mut buf, off).expect("read");
+        // The block holds the last write acknowledged before the crash or
+        // one after it, never an older one.
+        let ok = (i..i + 10_000).any(|j| buf == block_of(j));
+        assert!(
+            ok,
+            "block at {off} lost write {i} acknowledged before the crash"
+        );
+    }
+}
+
+#[test]
+fn epoch_mode_backup_is_always_at_an_epoch_boundary() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let b = backup_node(dir.path(), true, BackupConfig::default());
+    let p = Primary::start(&a, primary_cfg(Mode::Epoch, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    let mut model = read_all(&*a.block);
+    let mut boundaries = std::collections::HashSet::new();
+    boundaries.insert(xxhash_rust::xxh3::xxh3_64(&model));
+    let epochs_before = b.backup.stats().epochs;
+    for i in 0..300u64 {
+        let off = ((i * 7919) % (SIZE / BLOCK)) * BLOCK;
+        let data = block_of(5000 + i);
+        a.switch
+            .write_at(&data, off, WriteOpts::default())
+            .expect("write");
+        model[off as usize..(off + BLOCK) as usize].copy_from_slice(&data);
+        if i % 5 == 4 {
+            a.switch.flush().expect("flush");
+            boundaries.insert(xxhash_rust::xxh3::xxh3_64(&model));
+        }
+        if i == 237 {
+            // The abrupt stop, in the middle of an epoch.
+            p.disconnect();
+        }
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while b.backup.is_serving() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never noticed the stop"
+        );
+        std::thread::yield_now();
+    }
+    let got = xxhash_rust::xxh3::xxh3_64(&read_all(&*b.backup.stack().switch));
+    assert!(
+        boundaries.contains(&got),
+        "the backup holds a state that is no epoch boundary"
+    );
+    assert!(
+        b.backup.stats().epochs > epochs_before,
+        "no epoch was applied"
+    );
+}
+
+#[test]
+fn a_resync_after_a_link_cut_sends_only_what_changed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    seed_primary(&a);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let p = Primary::start(&a, primary_cfg(Mode::Async, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    p.disconnect();
+    wait(&p, "disconnected", |s| s.state == State::Disconnected);
+    let before = p.status().resync_bytes;
+    let changed = 40u64;
+    for i in 0..changed {
+        a.switch
+            .write_at(
+                &block_of(70_000 + i),
+                (i * 5 + 1) * BLOCK,
+                WriteOpts::default(),
+            )
+            .expect("write");
+    }
+    p.reconnect();
+    let st = wait(&p, "resynced", in_sync);
+    assert!(in_sync(&st), "{st:?}");
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    let sent = st.resync_bytes - before;
+    let bound = changed * BLOCK * 105 / 100;
+    assert!(
+        sent <= bound,
+        "resync sent {sent} bytes for {} changed",
+        changed * BLOCK
+    );
+    assert!(sent >= changed * BLOCK, "resync sent only {sent} bytes");
+}
+
+#[test]
+fn split_brain_is_reported_and_changes_nothing_without_a_policy() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let p = Primary::start(&a, primary_cfg(Mode::Sync, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    // Partition: both sides become primary and write.
+    p.disconnect();
+    let deadline = Instant::now() + DEADLINE;
+    while b.backup.is_serving() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never noticed the partition"
+        );
+        std::thread::yield_now();
+    }
+    b.backup.promote().expect("promote");
+    a.switch
+        .write_at(&block_of(1), 0, WriteOpts::default())
+        .expect("write a");
+    b.backup
+        .stack()
+        .switch
+        .write_at(&block_of(2), BLOCK, WriteOpts::default())
+        .expect("write b");
+    let (ia, ib) = (read_all(&*a.block), read_all(&*b.backup.stack().switch));
+    // Heal the partition.
+    p.reconnect();
+    let st = wait(&p, "refused", |s| matches!(s.state, State::Refused(_)));
+    assert_eq!(
+        st.state,
+        State::Refused(Decision::SplitBrain { recoverable: true }),
+        "{st:?}"
+    );
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("generation records refuse")
+    );
+    assert_eq!(read_all(&*a.block), ia, "the primary's data changed");
+    assert_eq!(
+        read_all(&*b.backup.stack().switch),
+        ib,
+        "the backup's data changed"
+    );
+    assert!(
+        generation::load(&a.image)
+            .expect("load")
+            .expect("rec")
+            .split_brain
+    );
+    assert!(b.backup.record().split_brain);
+}
+
+#[test]
+fn a_backup_refuses_client_writes_until_promoted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let b = Backup::open(stack(dir.path(), "b", false), BackupConfig::default()).expect("open");
+    let sw = b.stack().switch.clone();
+    assert!(sw.write_at(&[1u8; 512], 0, WriteOpts::default()).is_err());
+    let mut buf = [9u8; 512];
+    sw.read_at(&mut buf, 0).expect("reads work");
+    b.promote().expect("promote");
+    sw.write_at(&[1u8; 512], 0, WriteOpts::default())
+        .expect("writable after promotion");
+    let rec = b.record();
+    assert_eq!(rec.role, generation::Role::Primary);
+    assert_ne!(rec.gens.current, 0);
+}
