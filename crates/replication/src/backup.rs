@@ -87,6 +87,8 @@ pub struct Backup {
     cfg: BackupConfig,
     record: Mutex<GenRecord>,
     active: AtomicBool,
+    /// This run's random id (see [`Welcome::instance`]).
+    instance: u64,
     sessions: AtomicU64,
     epochs: AtomicU64,
     last_seq: AtomicU64,
@@ -180,6 +182,7 @@ impl Backup {
             cfg,
             record: Mutex::new(record),
             active: AtomicBool::new(false),
+            instance: generation::new_id(),
             sessions: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
             last_seq: AtomicU64::new(0),
@@ -261,6 +264,7 @@ impl Backup {
         // reports it; then the refusal follows.
         let welcome = Msg::Welcome(Welcome {
             version,
+            instance: self.instance,
             copy: self.copy_info(),
         });
         let (t, body, _) = welcome

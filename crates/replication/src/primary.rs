@@ -75,6 +75,12 @@ pub struct PrimaryConfig {
     pub clean_interval: Duration,
     /// Largest piece the copy engine reads and sends. Default: 1 MiB.
     pub chunk: usize,
+    /// A resync flushes the backup after this many bytes, so an
+    /// interrupted resync resumes from there. Default: 16 MiB.
+    pub resync_checkpoint: u64,
+    /// Resync rate limit in bytes per second (`None`: unlimited; streamed
+    /// writes are never limited). Default: unlimited.
+    pub resync_bandwidth: Option<u64>,
     /// Granularity of the per-peer bitmap if it is created. Default: 64 KiB.
     pub granularity: u64,
 }
@@ -94,6 +100,8 @@ impl PrimaryConfig {
             reconnect_max: Duration::from_secs(5),
             clean_interval: Duration::from_secs(1),
             chunk: 1 << 20,
+            resync_checkpoint: 16 << 20,
+            resync_bandwidth: None,
             granularity: DEFAULT_GRANULARITY,
         }
     }
@@ -155,6 +163,8 @@ struct Shared {
     wake: (Mutex<()>, Condvar),
     current: Mutex<Option<Arc<Session>>>,
     resync_sent: Arc<AtomicU64>,
+    /// The backup instance of the last session.
+    backup_instance: Mutex<Option<u64>>,
 }
 
 /// A replicating primary (see the module docs).
@@ -293,6 +303,7 @@ impl Primary {
             wake: (Mutex::new(()), Condvar::new()),
             current: Mutex::new(None),
             resync_sent: Arc::new(AtomicU64::new(0)),
+            backup_instance: Mutex::new(None),
         });
         let sh2 = sh.clone();
         let h = std::thread::Builder::new()
@@ -494,9 +505,10 @@ impl Shared {
         }
     }
 
-    /// Hello, welcome, and what the generations allow: `Ok(full)` for a
-    /// sync from this copy (full: every block, by hash).
-    fn handshake(&self, link: &mut Link) -> Result<bool, ReplicationError> {
+    /// Hello, welcome, and what the generations allow: `Ok((full,
+    /// instance))` for a sync from this copy (full: every block, by hash)
+    /// to the backup instance `instance`.
+    fn handshake(&self, link: &mut Link) -> Result<(bool, u64), ReplicationError> {
         let rec = self.record.lock().clone();
         let hello = Msg::Hello(Hello {
             min_version: wire::MIN_VERSION,
@@ -564,7 +576,7 @@ impl Shared {
         });
         generation::store(&self.image, &rec)
             .map_err(|source| ReplicationError::Record { source })?;
-        Ok(full)
+        Ok((full, welcome.instance))
     }
 
     fn refuse(&self, decision: Decision) -> ReplicationError {
@@ -583,11 +595,20 @@ impl Shared {
     }
 
     fn run_session(&self, mut link: Link) -> Result<(), ReplicationError> {
-        let full = self.handshake(&mut link)?;
+        let (full, instance) = self.handshake(&mut link)?;
         let (tx, rx) = link.split();
-        let session = Session::start(tx, rx, self.obs.lag.clone(), self.cfg.ack_timeout)?;
+        let epochs = self.cfg.mode == Mode::Epoch;
+        let session = Session::start(tx, rx, self.obs.lag.clone(), self.cfg.ack_timeout, epochs)?;
         *self.current.lock() = Some(session.clone());
-        merge(&self.obs.pending, &self.persistent)?;
+        // `pending` covers everything a backup instance we streamed to
+        // before may lack; another instance (or our own restart) may lack
+        // anything since the last clean of the persistent bitmap.
+        let mut last = self.backup_instance.lock();
+        if *last != Some(instance) {
+            merge(&self.obs.pending, &self.persistent)?;
+            *last = Some(instance);
+        }
+        drop(last);
         if full {
             self.obs.pending.mark_all();
         }
@@ -677,10 +698,13 @@ impl Shared {
         }
     }
 
-    /// One copy round over `pending`. In epoch mode the round is not
-    /// flushed on its own (a flush would close an epoch on the backup in
-    /// the middle of the round): it becomes durable with the next epoch
-    /// close, and the persistent bitmap keeps its bits until then.
+    /// One copy round over `pending`, flushed at checkpoints: when it is
+    /// interrupted, only what was not yet durable on the backup goes back
+    /// into `pending`, so the next session resumes where this one stopped.
+    /// In epoch mode the round is not flushed on its own (a flush would
+    /// close an epoch on the backup in the middle of the round): it becomes
+    /// durable with the next epoch close, and the persistent bitmap keeps
+    /// its bits until then.
     fn round(&self, s: &Arc<Session>, checksum: Option<u32>) -> Result<(), ReplicationError> {
         let sink = SessionSink {
             session: s.clone(),
@@ -688,25 +712,48 @@ impl Shared {
             checksum,
             sent: self.resync_sent.clone(),
         };
-        let mut copier = Copier::new(
-            &*self.filter,
-            sink,
-            &NoProgress,
-            CopyOptions::new(self.cfg.chunk),
-        );
+        let mut opts = CopyOptions::new(self.cfg.chunk);
+        opts.bandwidth = self.cfg.resync_bandwidth;
+        let mut copier = Copier::new(&*self.filter, sink, &NoProgress, opts);
         copier.set_cancel(Some(&self.stop));
-        let copy_err = |e: understudy_copy::CopyError<ReplicationError>| ReplicationError::Copy {
-            source: Box::new(e),
-        };
-        if self.cfg.mode == Mode::Epoch {
-            copier
-                .take_and_copy(&self.obs.pending)
-                .map_err(copy_err)?
-                .commit();
-        } else {
-            copier.round(&self.obs.pending).map_err(copy_err)?;
+        let taken = self
+            .obs
+            .pending
+            .take()
+            .map_err(|e| ReplicationError::Bitmap {
+                name: "pending".into(),
+                source: Box::new(e),
+            })?;
+        let pieces = split(taken.dirty_ranges(), self.cfg.resync_checkpoint);
+        let flushes = self.cfg.mode != Mode::Epoch;
+        let mut durable = 0;
+        let mut since = 0;
+        let mut result = Ok(());
+        for (i, &(o, l)) in pieces.iter().enumerate() {
+            result = copier.copy(o, l, true).map(drop);
+            since += l;
+            if result.is_ok() && flushes && since >= self.cfg.resync_checkpoint {
+                result = copier.flush();
+                durable = i + 1;
+                since = 0;
+            }
+            if result.is_err() {
+                break;
+            }
         }
-        Ok(())
+        if result.is_ok() && flushes {
+            result = copier.flush();
+        }
+        if result.is_ok() {
+            durable = pieces.len();
+        }
+        taken.commit();
+        for &(o, l) in &pieces[durable..] {
+            self.obs.pending.mark(o, l);
+        }
+        result.map_err(|e| ReplicationError::Copy {
+            source: Box::new(e),
+        })
     }
 
     /// Clear the persistent bitmap of what the backup holds durably, and
@@ -781,22 +828,28 @@ impl Shared {
         Ok(())
     }
 
-    /// After a session: stop streaming, forget the queue (the persistent
-    /// bitmap covers it), and start a new generation if the pair was in
-    /// sync.
+    /// After a session: stop streaming, put what the backup may lack (the
+    /// unsafe ranges and the queue) back into `pending`, and start a new
+    /// generation if the pair was in sync.
     fn end_session(&self) {
         *self.obs.stream.write() = Stream::Off;
         drain(&self.filter);
         if let Some(s) = self.current.lock().take() {
             s.shutdown("session over");
+            for (o, l) in s.unsafe_ranges() {
+                self.obs.pending.mark(o, l);
+            }
         }
-        self.obs.queue.items.lock().clear();
+        for (_, item) in self.obs.queue.items.lock().drain(..) {
+            match item {
+                Item::Write { offset, data, .. } => {
+                    self.obs.pending.mark(offset, data.len() as u64)
+                }
+                Item::Zero { offset, len, .. } => self.obs.pending.mark(offset, len),
+                Item::EpochClose { .. } => {}
+            }
+        }
         self.obs.lag.store(0, Ordering::SeqCst);
-        if let Err(e) = merge(&self.obs.pending, &self.persistent) {
-            // Never expected (same geometry); every block is then resent.
-            tracing::error!(error = %e, "cannot merge the per-peer bitmap; marking everything");
-            self.obs.pending.mark_all();
-        }
         let mut rec = self.record.lock();
         if rec.gens.bitmap == 0 {
             rec.gens.new_current(generation::new_id());
@@ -806,6 +859,21 @@ impl Shared {
         }
         self.status.lock().gens = rec.gens.clone();
     }
+}
+
+/// Dirty ranges cut into pieces of at most `max` bytes.
+fn split(ranges: impl Iterator<Item = (u64, u64)>, max: u64) -> Vec<(u64, u64)> {
+    let max = max.max(1);
+    let mut out = Vec::new();
+    for (mut o, mut l) in ranges {
+        while l > 0 {
+            let n = l.min(max);
+            out.push((o, n));
+            o += n;
+            l -= n;
+        }
+    }
+    out
 }
 
 fn merge(into: &DirtyBitmap, from: &DirtyBitmap) -> Result<(), ReplicationError> {

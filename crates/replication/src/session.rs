@@ -27,6 +27,12 @@ struct Acks {
     hashes: HashMap<u64, Vec<u64>>,
     /// Sent messages that carry bytes the lag counts: (seq, bytes).
     inflight: VecDeque<(u64, u64)>,
+    /// Ranges sent and not yet safe on the backup: (seq, offset, len).
+    unsafe_ranges: VecDeque<(u64, u64, u64)>,
+    /// Epoch mode: sequence numbers of the epoch closes and flushes sent;
+    /// only their acks make earlier ranges safe (the backup drops an open
+    /// epoch when the link goes).
+    points: VecDeque<u64>,
 }
 
 /// One connected session of a primary (see the module docs).
@@ -43,6 +49,8 @@ pub(crate) struct Session {
     pub(crate) lag: Arc<AtomicU64>,
     ack_timeout: Duration,
     receiver: Mutex<Option<JoinHandle<()>>>,
+    /// Ranges become safe only at acked flush points (epoch mode).
+    by_points: bool,
 }
 
 impl Session {
@@ -53,6 +61,7 @@ impl Session {
         rx: LinkReceiver,
         lag: Arc<AtomicU64>,
         ack_timeout: Duration,
+        by_points: bool,
     ) -> Result<Arc<Session>, ReplicationError> {
         let s = Arc::new(Session {
             tx,
@@ -63,6 +72,7 @@ impl Session {
             lag,
             ack_timeout,
             receiver: Mutex::new(None),
+            by_points,
         });
         let weak = Arc::downgrade(&s);
         let h = std::thread::Builder::new()
@@ -94,9 +104,6 @@ impl Session {
                 tracing::warn!(reason = why, "replication session ended");
                 a.failed = Some(why.to_owned());
             }
-            let bytes: u64 = a.inflight.drain(..).map(|(_, b)| b).sum();
-            self.lag
-                .fetch_sub(bytes.min(self.lag.load(Ordering::SeqCst)), Ordering::SeqCst);
         }
         self.dead.store(true, Ordering::SeqCst);
         self.cv.notify_all();
@@ -127,8 +134,21 @@ impl Session {
         let (t, head, tail) = m
             .encode()
             .map_err(|source| ReplicationError::Wire { source })?;
-        if lag_bytes > 0 {
-            self.acks.lock().inflight.push_back((seq, lag_bytes));
+        {
+            let mut a = self.acks.lock();
+            if lag_bytes > 0 {
+                a.inflight.push_back((seq, lag_bytes));
+            }
+            match m {
+                Msg::Write { offset, data, .. } => {
+                    a.unsafe_ranges.push_back((seq, offset, data.len() as u64));
+                }
+                Msg::Zero { offset, len, .. } => a.unsafe_ranges.push_back((seq, offset, len)),
+                Msg::EpochClose { .. } | Msg::Flush { .. } | Msg::ResyncDone { .. } => {
+                    a.points.push_back(seq);
+                }
+                _ => {}
+            }
         }
         if let Err(source) = self.tx.send_parts(t, &[&head, tail]) {
             drop(next);
@@ -137,6 +157,17 @@ impl Session {
         }
         *next += 1;
         Ok(seq)
+    }
+
+    /// Ranges sent that the backup may not hold (not acknowledged, or in
+    /// epoch mode not followed by an acknowledged epoch close).
+    pub(crate) fn unsafe_ranges(&self) -> Vec<(u64, u64)> {
+        self.acks
+            .lock()
+            .unsafe_ranges
+            .iter()
+            .map(|&(_, o, l)| (o, l))
+            .collect()
     }
 
     /// The last sequence number acknowledged.
@@ -221,6 +252,13 @@ impl Session {
                 let mut freed = 0;
                 while a.inflight.front().is_some_and(|&(s, _)| s <= seq) {
                     freed += a.inflight.pop_front().map_or(0, |(_, b)| b);
+                }
+                let mut safe = if self.by_points { 0 } else { seq };
+                while a.points.front().is_some_and(|&p| p <= seq) {
+                    safe = safe.max(a.points.pop_front().unwrap_or(0));
+                }
+                while a.unsafe_ranges.front().is_some_and(|&(s, _, _)| s <= safe) {
+                    a.unsafe_ranges.pop_front();
                 }
                 if freed > 0 {
                     self.lag.fetch_sub(freed, Ordering::SeqCst);

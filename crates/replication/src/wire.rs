@@ -164,6 +164,10 @@ pub struct Hello {
 pub struct Welcome {
     /// The protocol version both use from now on.
     pub version: u16,
+    /// A random id of this run of the backup: a primary that sees the same
+    /// instance as in its last session knows the backup lost nothing it
+    /// acknowledged (a restarted backup may have lost unflushed writes).
+    pub instance: u64,
     /// The backup's copy.
     pub copy: CopyInfo,
 }
@@ -537,6 +541,7 @@ impl<'a> Msg<'a> {
             }
             Msg::Welcome(w) => {
                 h.extend_from_slice(&w.version.to_be_bytes());
+                h.extend_from_slice(&w.instance.to_be_bytes());
                 put_copy_info(&mut h, &w.copy)?;
             }
             Msg::Write {
@@ -632,9 +637,14 @@ impl<'a> Msg<'a> {
             MsgType::Welcome => {
                 let mut r = Reader::new(payload, "Welcome");
                 let version = r.u16()?;
+                let instance = r.u64()?;
                 let copy = r.copy_info()?;
                 r.end()?;
-                Ok(Msg::Welcome(Welcome { version, copy }))
+                Ok(Msg::Welcome(Welcome {
+                    version,
+                    instance,
+                    copy,
+                }))
             }
             MsgType::Write => decode_write(payload),
             MsgType::Zero => {

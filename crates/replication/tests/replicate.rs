@@ -379,3 +379,57 @@ fn a_backup_refuses_client_writes_until_promoted() {
     assert_eq!(rec.role, generation::Role::Primary);
     assert_ne!(rec.gens.current, 0);
 }
+
+#[test]
+fn an_interrupted_resync_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let mut cfg = primary_cfg(Mode::Async, &b.addr);
+    cfg.resync_checkpoint = 1 << 20;
+    cfg.resync_bandwidth = Some(8 << 20);
+    let p = Primary::start(&a, cfg).expect("start");
+    wait(&p, "in sync", in_sync);
+    p.disconnect();
+    wait(&p, "disconnected", |s| s.state == State::Disconnected);
+    let changed = 8u64 << 20;
+    for i in 0..changed / BLOCK {
+        a.switch
+            .write_at(&block_of(80_000 + i), i * BLOCK, WriteOpts::default())
+            .expect("write");
+    }
+    let before = p.status();
+    p.reconnect();
+    wait(&p, "resync under way", |s| {
+        s.resync_bytes - before.resync_bytes >= 3 << 20
+    });
+    p.cut_link();
+    let st = wait(&p, "resynced", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    assert!(st.sessions >= before.sessions + 2, "{st:?}");
+    let sent = st.resync_bytes - before.resync_bytes;
+    // At most the piece in flight when the link was cut is sent twice.
+    assert!(
+        sent <= changed + (2 << 20),
+        "an interrupted resync started over: {sent} bytes for {changed}"
+    );
+}
+
+#[test]
+fn a_checksum_resync_sends_only_blocks_that_differ() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    seed_primary(&a);
+    // A backup that already holds the same data but one block, with no
+    // record: the connect is a full sync, by hashes.
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let image = read_all(&*a.block);
+    let bb = &b.backup.stack().block;
+    bb.write_at(&image, 0, WriteOpts::default()).expect("copy");
+    bb.write_at(&block_of(4242), 3 * BLOCK, WriteOpts::default())
+        .expect("write");
+    let p = Primary::start(&a, primary_cfg(Mode::Sync, &b.addr)).expect("start");
+    let st = wait(&p, "in sync", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    assert_eq!(st.resync_bytes, BLOCK, "{st:?}");
+}

@@ -48,9 +48,13 @@ fn arb_msg() -> impl Strategy<Value = (u8, Msg<'static>, Vec<u8>)> {
                 }),
                 vec![]
             )),
-        (any::<u16>(), arb_copy()).prop_map(|(version, copy)| (
+        (any::<u16>(), any::<u64>(), arb_copy()).prop_map(|(version, instance, copy)| (
             0,
-            Msg::Welcome(Welcome { version, copy }),
+            Msg::Welcome(Welcome {
+                version,
+                instance,
+                copy
+            }),
             vec![]
         )),
         (
