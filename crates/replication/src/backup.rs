@@ -279,6 +279,7 @@ impl Backup {
                 return Err(e);
             }
         };
+        self.demote()?;
         let (tx, mut rx) = link.split();
         let mut st = Apply {
             mode: hello.mode,
@@ -407,6 +408,25 @@ impl Backup {
             == Resolution::DiscardLocal
     }
 
+    /// A promoted copy that accepted a primary (its changes were
+    /// discarded by a policy, or it is re-protected) is a backup again:
+    /// client writes fail from here on.
+    fn demote(&self) -> Result<(), ReplicationError> {
+        let mut rec = self.record.lock();
+        if rec.role == Role::Backup {
+            return Ok(());
+        }
+        tracing::warn!(export = %rec.name, "a promoted copy accepted a primary: it is a backup again");
+        self.stack
+            .switch
+            .set_route(Route::Pivot(Arc::new(ReadOnlyView(
+                self.stack.filter.clone(),
+            ))));
+        rec.role = Role::Backup;
+        generation::store(&self.stack.image, &rec)
+            .map_err(|source| ReplicationError::Record { source })
+    }
+
     /// Set the "resync in progress" marker once (the copy is not
     /// consistent until the resync ends).
     fn mark_inconsistent(&self, st: &mut Apply) -> Result<(), ReplicationError> {
@@ -464,21 +484,26 @@ impl Backup {
                 }
                 self.zero(offset, len, unmap)
             }
-            Msg::Flush { .. } => {
-                self.apply_epoch(st)?;
-                self.disk.flush().map_err(disk_err("flush"))
-            }
+            // In epoch mode neither a flush nor the end of a resync applies
+            // the open epoch: only its close does.
+            Msg::Flush { .. } => self.disk.flush().map_err(disk_err("flush")),
             Msg::EpochClose { .. } => {
                 self.apply_epoch(st)?;
                 self.disk.flush().map_err(disk_err("close an epoch"))?;
                 self.epochs.fetch_add(1, Ordering::SeqCst);
-                if st.spilled {
-                    st.spilled = false;
+                st.spilled = false;
+                if st.marked {
+                    // In epoch mode the marker means "an epoch spilled":
+                    // this close made the image consistent again.
+                    st.marked = false;
+                    let mut rec = self.record.lock();
+                    rec.resync = None;
+                    generation::store(&self.stack.image, &rec)
+                        .map_err(|source| ReplicationError::Record { source })?;
                 }
                 Ok(())
             }
             Msg::ResyncDone { gens, .. } => {
-                self.apply_epoch(st)?;
                 self.disk.flush().map_err(disk_err("flush"))?;
                 let mut rec = self.record.lock();
                 rec.gens.sync_done_target(&gens);

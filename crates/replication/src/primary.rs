@@ -621,6 +621,7 @@ impl Shared {
             round_end: self.obs.queue.enqueued.load(Ordering::SeqCst),
             clean: None,
             in_sync: false,
+            owe_close: false,
             last_clean: Instant::now(),
             checksum,
         };
@@ -640,6 +641,13 @@ impl Shared {
                 continue;
             }
             self.obs.behind.store(false, Ordering::SeqCst);
+            if lp.owe_close {
+                // A close was merged away: close one now, or the backup
+                // would sit on the last writes until the client's next
+                // flush.
+                lp.owe_close = false;
+                self.close_local_epoch()?;
+            }
             self.clean(&session, &mut lp)?;
             let mut q = self.obs.queue.items.lock();
             if q.is_empty() {
@@ -684,6 +692,7 @@ impl Shared {
                 }
                 Item::EpochClose { epoch } => {
                     if idx <= lp.round_end || self.obs.pending.dirty_bytes() > 0 {
+                        lp.owe_close = true;
                         continue;
                     }
                     let seq = s.send(0, |seq| Msg::EpochClose { seq, epoch })?;
@@ -786,21 +795,33 @@ impl Shared {
         let idx = self.obs.queue.enqueued.load(Ordering::SeqCst);
         let seq = match self.cfg.mode {
             Mode::Epoch => None,
-            Mode::Sync | Mode::Async => Some(s.send(0, |seq| Msg::Flush { seq })?),
+            Mode::Sync | Mode::Async => {
+                // Writes marked before the take may still be queued: send
+                // them first, so the flush comes after every one of them.
+                self.send_queued(s, lp)?;
+                Some(s.send(0, |seq| Msg::Flush { seq })?)
+            }
         };
         lp.clean = Some(Clean { taken, idx, seq });
         if self.cfg.mode == Mode::Epoch && !lp.in_sync {
             // Close an epoch now rather than wait for the client's next
             // flush, so the resync can finish.
-            use understudy_block::DiskWrite;
-            self.filter
-                .order()
-                .map_err(|source| ReplicationError::Disk {
-                    op: "close an epoch",
-                    source,
-                })?;
+            self.close_local_epoch()?;
         }
         Ok(())
+    }
+
+    /// A write-order barrier on the export: in epoch mode the observer
+    /// queues an `EpochClose` for it.
+    fn close_local_epoch(&self) -> Result<(), ReplicationError> {
+        use understudy_block::DiskWrite;
+        self.filter
+            .order()
+            .map(drop)
+            .map_err(|source| ReplicationError::Disk {
+                op: "close an epoch",
+                source,
+            })
     }
 
     /// Both copies now hold the same data: the backup takes this copy's
@@ -897,6 +918,8 @@ struct LoopState {
     round_end: u64,
     clean: Option<Clean>,
     in_sync: bool,
+    /// An epoch close was merged into the next one; none was queued since.
+    owe_close: bool,
     last_clean: Instant,
     checksum: Option<u32>,
 }

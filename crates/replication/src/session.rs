@@ -144,9 +144,8 @@ impl Session {
                     a.unsafe_ranges.push_back((seq, offset, data.len() as u64));
                 }
                 Msg::Zero { offset, len, .. } => a.unsafe_ranges.push_back((seq, offset, len)),
-                Msg::EpochClose { .. } | Msg::Flush { .. } | Msg::ResyncDone { .. } => {
-                    a.points.push_back(seq);
-                }
+                // Only an epoch close applies the backup's open epoch.
+                Msg::EpochClose { .. } => a.points.push_back(seq),
                 _ => {}
             }
         }

@@ -103,6 +103,10 @@ fn in_sync(s: &Status) -> bool {
 
 /// Wait until the backup reads exactly what the primary reads.
 fn wait_equal(primary: &dyn Disk, backup: &dyn Disk) {
+    wait_equal_as("", primary, backup);
+}
+
+fn wait_equal_as(what: &str, primary: &dyn Disk, backup: &dyn Disk) {
     let deadline = Instant::now() + DEADLINE;
     let want = read_all(primary);
     loop {
@@ -110,10 +114,10 @@ fn wait_equal(primary: &dyn Disk, backup: &dyn Disk) {
         if got == want {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the backup never matched the primary"
-        );
+        if Instant::now() >= deadline {
+            let at = got.iter().zip(&want).position(|(g, w)| g != w);
+            panic!("{what}: the backup never matched the primary (first difference at {at:?})");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -163,7 +167,7 @@ fn every_mode_moves_data_byte_exact_under_a_concurrent_writer() {
         w.join().expect("writer");
         let st = wait(&p, "in sync", in_sync);
         assert!(in_sync(&st), "{mode}: never in sync: {st:?}");
-        wait_equal(&*a.block, &*b.backup.stack().switch);
+        wait_equal_as(&mode.to_string(), &*a.block, &*b.backup.stack().switch);
         assert!(
             st.sessions >= 2,
             "{mode}: the cut link was not reconnected: {st:?}"
@@ -362,6 +366,52 @@ fn split_brain_is_reported_and_changes_nothing_without_a_policy() {
             .split_brain
     );
     assert!(b.backup.record().split_brain);
+}
+
+#[test]
+fn a_split_brain_policy_discards_the_younger_primary() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let policy = generation::AfterSplitBrain::DiscardYounger;
+    let bcfg = BackupConfig {
+        after_split_brain: policy.clone(),
+        ..BackupConfig::default()
+    };
+    let b = backup_node(dir.path(), false, bcfg);
+    let mut cfg = primary_cfg(Mode::Sync, &b.addr);
+    cfg.after_split_brain = policy;
+    let p = Primary::start(&a, cfg).expect("start");
+    wait(&p, "in sync", in_sync);
+    p.disconnect();
+    let deadline = Instant::now() + DEADLINE;
+    while b.backup.is_serving() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never noticed the partition"
+        );
+        std::thread::yield_now();
+    }
+    b.backup.promote().expect("promote");
+    a.switch
+        .write_at(&block_of(1), 0, WriteOpts::default())
+        .expect("write a");
+    b.backup
+        .stack()
+        .switch
+        .write_at(&block_of(2), BLOCK, WriteOpts::default())
+        .expect("write b");
+    p.reconnect();
+    wait(&p, "resolved", in_sync);
+    // The backup, promoted last, lost its write and is a backup again.
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    assert_eq!(b.backup.record().role, generation::Role::Backup);
+    assert!(
+        b.backup
+            .stack()
+            .switch
+            .write_at(&block_of(3), 0, WriteOpts::default())
+            .is_err()
+    );
 }
 
 #[test]
