@@ -415,6 +415,76 @@ fn a_split_brain_policy_discards_the_younger_primary() {
 }
 
 #[test]
+fn a_crashed_primary_resyncs_what_it_wrote_while_disconnected() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let p = Primary::start(&a, primary_cfg(Mode::Async, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    p.disconnect();
+    wait(&p, "disconnected", |s| s.state == State::Disconnected);
+    for i in 0..10 {
+        a.switch
+            .write_at(
+                &block_of(60_000 + i),
+                (i * 11 + 2) * BLOCK,
+                WriteOpts::default(),
+            )
+            .expect("write");
+    }
+    let want = read_all(&*a.block);
+    // kill -9, as far as one process can: the replica stops without
+    // touching its record (which a crash leaves saying "primary running"),
+    // and the bitmaps are dropped without a clean close.
+    let rec = generation::load(&a.image).expect("load").expect("record");
+    p.stop().expect("stop");
+    generation::store(&a.image, &rec).expect("restore the crashed record");
+    let ExportStack {
+        persister,
+        store,
+        filter,
+        switch,
+        journal,
+        block,
+        ..
+    } = a;
+    persister.stop();
+    drop((store, filter, switch, journal, block));
+    let mut spec = StackSpec::new("a", dir.path().join("a.img"));
+    spec.source = ImageSource::Existing { size: Some(SIZE) };
+    let a = ExportStack::open_writable(&spec).expect("reopen");
+    assert_eq!(read_all(&*a.block), want);
+    let rec = generation::load(&a.image).expect("load").expect("record");
+    assert!(rec.primary_open, "the crash is visible in the record");
+    let p = Primary::start(&a, primary_cfg(Mode::Async, &b.addr)).expect("restart");
+    let st = wait(&p, "resynced", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    // Only the marked blocks (plus the write-intent over-marking) moved.
+    assert!(st.resync_bytes < SIZE / 2, "{st:?}");
+}
+
+#[test]
+fn async_lag_stays_within_its_bound() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let mut cfg = primary_cfg(Mode::Async, &b.addr);
+    cfg.max_lag = 512 << 10;
+    let p = Primary::start(&a, cfg).expect("start");
+    wait(&p, "in sync", in_sync);
+    let w = writer(a.switch.clone(), 3, 600);
+    let mut max_seen = 0;
+    while !w.is_finished() {
+        max_seen = max_seen.max(p.status().lag_bytes);
+        std::thread::yield_now();
+    }
+    w.join().expect("writer");
+    assert!(max_seen <= 512 << 10, "lag {max_seen} over the bound");
+    wait(&p, "in sync", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+}
+
+#[test]
 fn a_backup_refuses_client_writes_until_promoted() {
     let dir = tempfile::tempdir().expect("tmp");
     let b = Backup::open(stack(dir.path(), "b", false), BackupConfig::default()).expect("open");
