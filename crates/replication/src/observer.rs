@@ -25,6 +25,7 @@
 //! the primary's disk.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -34,6 +35,7 @@ use understudy_block::BlockError;
 use understudy_filter::{Barrier, ObserverError, WriteKind, WriteObserver, WriteOp, WriteToken};
 use understudy_layers::RangeLock;
 
+use crate::generation::{self, GenRecord};
 use crate::session::Session;
 use crate::wire::{self, Mode, Msg};
 
@@ -103,11 +105,29 @@ pub struct ReplicaObserver {
     /// A write was diverted to `pending` because of the lag bound.
     pub(crate) behind: AtomicBool,
     epochs: AtomicU64,
+    /// The generation record, shared with the primary.
+    pub(crate) record: Arc<parking_lot::Mutex<GenRecord>>,
+    image: PathBuf,
+    /// The backup holds this copy's current generation (its bitmap id is
+    /// 0): a write that does not reach the backup diverges, so a new
+    /// generation starts first (before it, or at least before it is
+    /// acknowledged when its sending failed).
+    pub(crate) shared_gens: AtomicBool,
 }
 
 impl ReplicaObserver {
-    pub(crate) fn new(mode: Mode, max_lag: u64, pending: Arc<DirtyBitmap>) -> Self {
+    pub(crate) fn new(
+        mode: Mode,
+        max_lag: u64,
+        pending: Arc<DirtyBitmap>,
+        record: Arc<parking_lot::Mutex<GenRecord>>,
+        image: PathBuf,
+    ) -> Self {
+        let rotate = record.lock().gens.bitmap == 0;
         Self {
+            record,
+            image,
+            shared_gens: AtomicBool::new(rotate),
             mode,
             max_lag,
             stream: RwLock::new(Stream::Off),
@@ -128,6 +148,26 @@ impl ReplicaObserver {
     /// Bytes the backup lacks beyond the stream (copied by the next round).
     pub fn pending_bytes(&self) -> u64 {
         self.pending.dirty_bytes()
+    }
+
+    /// Start a new generation, durably, before the first diverging write.
+    fn rotate(&self) -> Result<(), ObserverError> {
+        let mut rec = self.record.lock();
+        if !self.shared_gens.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let before = rec.gens.clone();
+        rec.gens.new_current(generation::new_id());
+        if let Err(e) = generation::store(&self.image, &rec) {
+            rec.gens = before;
+            return Err(ObserverError::Refused {
+                observer: "replica",
+                source: Box::new(e),
+            });
+        }
+        self.shared_gens.store(false, Ordering::SeqCst);
+        tracing::info!("first write without the backup: new generation");
+        Ok(())
     }
 
     fn session(&self) -> Option<Arc<Session>> {
@@ -214,6 +254,9 @@ impl ReplicaObserver {
 impl WriteObserver for ReplicaObserver {
     fn before_write(&self, op: &WriteOp<'_>) -> Result<WriteToken, ObserverError> {
         let streams = !matches!(op.kind, WriteKind::Discard) && self.session().is_some();
+        if !streams && self.shared_gens.load(Ordering::SeqCst) {
+            self.rotate()?;
+        }
         if streams {
             return Ok(WriteToken::new(self.locks.lock(op.offset, op.len)));
         }
@@ -235,6 +278,14 @@ impl WriteObserver for ReplicaObserver {
         if !done {
             // Also when the local write failed: it may be partial.
             self.pending.mark(op.offset, op.len);
+            // A write queued behind the lag bound still reaches the backup
+            // in this session (a catch-up round): no divergence.
+            if self.shared_gens.load(Ordering::SeqCst)
+                && self.session().is_none()
+                && let Err(e) = self.rotate()
+            {
+                tracing::error!(error = %e, "cannot start a new generation; a failover may discard this write");
+            }
         }
         if lock != 0 {
             self.locks.unlock(lock);

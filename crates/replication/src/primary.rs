@@ -154,7 +154,7 @@ struct Shared {
     persistent: Arc<DirtyBitmap>,
     obs: Arc<ReplicaObserver>,
     obs_dyn: Arc<dyn WriteObserver>,
-    record: Mutex<GenRecord>,
+    record: Arc<Mutex<GenRecord>>,
     crashed: bool,
     status: Mutex<Status>,
     status_cv: Condvar,
@@ -229,8 +229,9 @@ fn peer_bitmap(
         .ok_or_else(|| err("it vanished after it was added".into()))
 }
 
-/// Load the record of a primary (creating it), note an unclean stop, and
-/// start a new generation unless one is already diverging.
+/// Load the record of a primary (creating it) and note an unclean stop.
+/// The first write without the backup starts a new generation (see the
+/// observer).
 fn open_record(stack: &ExportStack) -> Result<(GenRecord, bool), ReplicationError> {
     let rec_err = |source| ReplicationError::Record { source };
     let mut rec = generation::load(&stack.image)
@@ -249,10 +250,6 @@ fn open_record(stack: &ExportStack) -> Result<(GenRecord, bool), ReplicationErro
         });
     }
     let crashed = rec.primary_open;
-    if rec.gens.bitmap == 0 {
-        // Not connected: whatever is written from now on diverges.
-        rec.gens.new_current(generation::new_id());
-    }
     rec.primary_open = true;
     generation::store(&stack.image, &rec).map_err(rec_err)?;
     Ok((rec, crashed))
@@ -274,7 +271,14 @@ impl Primary {
             })?,
         );
         let (record, crashed) = open_record(stack)?;
-        let obs = Arc::new(ReplicaObserver::new(cfg.mode, cfg.max_lag, pending));
+        let record = Arc::new(Mutex::new(record));
+        let obs = Arc::new(ReplicaObserver::new(
+            cfg.mode,
+            cfg.max_lag,
+            pending,
+            record.clone(),
+            stack.image.clone(),
+        ));
         let obs_dyn: Arc<dyn WriteObserver> = obs.clone();
         stack.filter.add_observer(obs_dyn.clone());
         let status = Status {
@@ -285,7 +289,7 @@ impl Primary {
             resync_bytes: 0,
             sessions: 0,
             last_error: None,
-            gens: record.gens.clone(),
+            gens: record.lock().gens.clone(),
         };
         let sh = Arc::new(Shared {
             cfg,
@@ -294,7 +298,7 @@ impl Primary {
             persistent,
             obs,
             obs_dyn,
-            record: Mutex::new(record),
+            record,
             crashed,
             status: Mutex::new(status),
             status_cv: Condvar::new(),
@@ -332,7 +336,10 @@ impl Primary {
         loop {
             self.sh.refresh(&mut st);
             if pred(&st) || Instant::now() >= deadline {
-                return st.clone();
+                let mut out = st.clone();
+                drop(st);
+                out.gens = self.sh.record.lock().gens.clone();
+                return out;
             }
             // Counters change without a notification: look again soon.
             let step = Instant::now() + Duration::from_millis(20);
@@ -400,9 +407,12 @@ impl Primary {
 }
 
 impl Shared {
+    /// Lock order: `record` before `status`, never the other way.
     fn status(&self) -> Status {
+        let gens = self.record.lock().gens.clone();
         let mut st = self.status.lock();
         self.refresh(&mut st);
+        st.gens = gens;
         st.clone()
     }
 
@@ -840,6 +850,7 @@ impl Shared {
         rec.split_brain = false;
         generation::store(&self.image, &rec)
             .map_err(|source| ReplicationError::Record { source })?;
+        self.obs.shared_gens.store(true, Ordering::SeqCst);
         let mut st = self.status.lock();
         st.gens = rec.gens.clone();
         st.state = State::InSync;
@@ -850,12 +861,19 @@ impl Shared {
     }
 
     /// After a session: stop streaming, put what the backup may lack (the
-    /// unsafe ranges and the queue) back into `pending`, and start a new
-    /// generation if the pair was in sync.
+    /// unsafe ranges and the queue) back into `pending`. (The first write
+    /// that no longer reaches the backup starts a new generation: see the
+    /// observer.)
     fn end_session(&self) {
         *self.obs.stream.write() = Stream::Off;
+        let session = self.current.lock().take();
+        if let Some(s) = &session {
+            // Sync writers waiting for an ack give up (and mark `pending`)
+            // instead of holding up the drain.
+            s.fail("session over");
+        }
         drain(&self.filter);
-        if let Some(s) = self.current.lock().take() {
+        if let Some(s) = session {
             s.shutdown("session over");
             for (o, l) in s.unsafe_ranges() {
                 self.obs.pending.mark(o, l);
@@ -871,13 +889,7 @@ impl Shared {
             }
         }
         self.obs.lag.store(0, Ordering::SeqCst);
-        let mut rec = self.record.lock();
-        if rec.gens.bitmap == 0 {
-            rec.gens.new_current(generation::new_id());
-            if let Err(e) = generation::store(&self.image, &rec) {
-                tracing::error!(error = %e, "cannot record the new generation");
-            }
-        }
+        let rec = self.record.lock();
         self.status.lock().gens = rec.gens.clone();
     }
 }

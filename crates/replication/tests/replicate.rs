@@ -47,8 +47,12 @@ struct BackupNode {
 }
 
 fn backup_node(dir: &Path, journal: bool, cfg: BackupConfig) -> BackupNode {
-    let backup = Arc::new(Backup::open(stack(dir, "b", journal), cfg).expect("backup"));
-    let listener = PeerListener::bind("127.0.0.1:0", &link_cfg("node-b")).expect("bind");
+    serve_backup(stack(dir, "b", journal), cfg, "node-b")
+}
+
+fn serve_backup(stack: ExportStack, cfg: BackupConfig, node: &str) -> BackupNode {
+    let backup = Arc::new(Backup::open(stack, cfg).expect("backup"));
+    let listener = PeerListener::bind("127.0.0.1:0", &link_cfg(node)).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let b = backup.clone();
     let thread = std::thread::spawn(move || {
@@ -482,6 +486,51 @@ fn async_lag_stays_within_its_bound() {
     assert!(max_seen <= 512 << 10, "lag {max_seen} over the bound");
     wait(&p, "in sync", in_sync);
     wait_equal(&*a.block, &*b.backup.stack().switch);
+}
+
+#[test]
+fn failover_then_reprotect_resyncs_only_what_changed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    seed_primary(&a);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let p = Primary::start(&a, primary_cfg(Mode::Sync, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    // The primary goes away; the backup is promoted and serves writes.
+    p.stop().expect("stop");
+    let deadline = Instant::now() + DEADLINE;
+    while b.backup.is_serving() {
+        assert!(Instant::now() < deadline, "the backup never noticed");
+        std::thread::yield_now();
+    }
+    b.backup.promote().expect("promote");
+    let changed = 12u64;
+    for i in 0..changed {
+        b.backup
+            .stack()
+            .switch
+            .write_at(
+                &block_of(90_000 + i),
+                (i * 7 + 3) * BLOCK,
+                WriteOpts::default(),
+            )
+            .expect("write on the new primary");
+    }
+    // Re-protect: the old primary comes back as the backup of the new one.
+    let old = serve_backup(a, BackupConfig::default(), "node-a");
+    let mut cfg = PrimaryConfig::new(Mode::Sync, &old.addr, link_cfg("node-b"));
+    cfg.reconnect_min = Duration::from_millis(20);
+    let q = Primary::start(b.backup.stack(), cfg).expect("start the new primary");
+    let st = wait(&q, "re-protected", in_sync);
+    wait_equal(&*b.backup.stack().block, &*old.backup.stack().switch);
+    assert!(
+        st.resync_bytes <= changed * BLOCK * 105 / 100,
+        "re-protect sent {} bytes for {} changed",
+        st.resync_bytes,
+        changed * BLOCK
+    );
+    assert_eq!(old.backup.record().role, generation::Role::Backup);
+    assert_eq!(old.backup.record().gens, st.gens);
 }
 
 #[test]
