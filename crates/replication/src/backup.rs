@@ -236,53 +236,11 @@ impl Backup {
     }
 
     fn serve_inner(&self, mut link: Link) -> Result<(), ReplicationError> {
+        let (mode, resync) = self.handshake(&mut link)?;
         let peer = link.peer().node_id.clone();
-        let frame = link
-            .recv()
-            .map_err(|source| ReplicationError::Recv { source })?;
-        let hello = match Msg::decode(frame.msg_type, &frame.payload) {
-            Ok(Msg::Hello(h)) => h,
-            Ok(other) => {
-                let reason = format!("expected a hello, got {:?}", other.msg_type());
-                let _ = link.send_error(error_code::PROTOCOL, &reason);
-                return Err(ReplicationError::Protocol { reason });
-            }
-            Err(source) => {
-                let _ = link.send_error(error_code::PROTOCOL, &source.to_string());
-                return Err(ReplicationError::Wire { source });
-            }
-        };
-        let version = match self.check_hello(&hello) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = link.send_error(error_code::REFUSED, &e.to_string());
-                return Err(e);
-            }
-        };
-        // The welcome goes out even when the generations refuse, so the
-        // primary reaches the same decision from the same facts and
-        // reports it; then the refusal follows.
-        let welcome = Msg::Welcome(Welcome {
-            version,
-            instance: self.instance,
-            copy: self.copy_info(),
-        });
-        let (t, body, _) = welcome
-            .encode()
-            .map_err(|source| ReplicationError::Wire { source })?;
-        link.send(t, &body)
-            .map_err(|source| ReplicationError::Send { source })?;
-        let resync = match self.admit(&hello, &peer) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = link.send_error(error_code::REFUSED, &e.to_string());
-                return Err(e);
-            }
-        };
-        self.demote()?;
         let (tx, mut rx) = link.split();
         let mut st = Apply {
-            mode: hello.mode,
+            mode,
             peer,
             resync,
             marked: false,
@@ -309,26 +267,55 @@ impl Backup {
                 }
             };
             let seq = m.seq().unwrap_or(0);
-            match self.apply(&mut st, &tx, m) {
-                Ok(()) => {
-                    self.last_seq.store(seq, Ordering::SeqCst);
-                    ack(&tx, seq, wire::code::OK, "")?;
-                }
-                Err(e) => {
-                    let code = match &e {
-                        ReplicationError::Disk { source, .. }
-                            if source.kind() == understudy_block::ErrorKind::NoSpace =>
-                        {
-                            wire::code::NO_SPACE
-                        }
-                        ReplicationError::Disk { .. } => wire::code::IO,
-                        _ => wire::code::INVALID,
-                    };
-                    let _ = ack(&tx, seq, code, &e.to_string());
-                    return Err(e);
-                }
+            if let Err(e) = self.apply(&mut st, &tx, m) {
+                let _ = ack(&tx, seq, failure_code(&e), &e.to_string());
+                return Err(e);
             }
+            self.last_seq.store(seq, Ordering::SeqCst);
+            ack(&tx, seq, wire::code::OK, "")?;
         }
+    }
+
+    /// Hello, version and size, welcome, generations: the mode and whether
+    /// a resync follows, or a refusal (sent to the primary too).
+    fn handshake(&self, link: &mut Link) -> Result<(Mode, bool), ReplicationError> {
+        let frame = link
+            .recv()
+            .map_err(|source| ReplicationError::Recv { source })?;
+        let hello = match Msg::decode(frame.msg_type, &frame.payload) {
+            Ok(Msg::Hello(h)) => h,
+            Ok(other) => {
+                let reason = format!("expected a hello, got {:?}", other.msg_type());
+                let _ = link.send_error(error_code::PROTOCOL, &reason);
+                return Err(ReplicationError::Protocol { reason });
+            }
+            Err(source) => {
+                let _ = link.send_error(error_code::PROTOCOL, &source.to_string());
+                return Err(ReplicationError::Wire { source });
+            }
+        };
+        let refuse = |link: &Link, e: ReplicationError| {
+            let _ = link.send_error(error_code::REFUSED, &e.to_string());
+            e
+        };
+        let version = self.check_hello(&hello).map_err(|e| refuse(link, e))?;
+        // The welcome goes out even when the generations refuse, so the
+        // primary reaches the same decision from the same facts and
+        // reports it; then the refusal follows.
+        let welcome = Msg::Welcome(Welcome {
+            version,
+            instance: self.instance,
+            copy: self.copy_info(),
+        });
+        let (t, body, _) = welcome
+            .encode()
+            .map_err(|source| ReplicationError::Wire { source })?;
+        link.send(t, &body)
+            .map_err(|source| ReplicationError::Send { source })?;
+        let peer = link.peer().node_id.clone();
+        let resync = self.admit(&hello, &peer).map_err(|e| refuse(link, e))?;
+        self.demote()?;
+        Ok((hello.mode, resync))
     }
 
     fn copy_info(&self) -> CopyInfo {
@@ -443,34 +430,15 @@ impl Backup {
             .map_err(|source| ReplicationError::Record { source })
     }
 
+    /// Apply one message (the caller acks it).
     fn apply(&self, st: &mut Apply, tx: &LinkSender, m: Msg<'_>) -> Result<(), ReplicationError> {
-        let disk_err = |op| move |source| ReplicationError::Disk { op, source };
         match m {
             Msg::Write {
                 offset,
                 flags,
                 data,
                 ..
-            } => {
-                if st.mode == Mode::Epoch && !st.spilled {
-                    st.epoch_bytes += data.len() as u64;
-                    st.epoch.push(Pending::Write {
-                        offset,
-                        data: data.to_vec(),
-                    });
-                    return self.maybe_spill(st);
-                }
-                if st.resync {
-                    self.mark_inconsistent(st)?;
-                }
-                let opts = WriteOpts {
-                    fua: flags & wire::flags::FUA != 0,
-                    epoch: 0,
-                };
-                self.disk
-                    .write_at(data, offset, opts)
-                    .map_err(disk_err("write"))
-            }
+            } => self.apply_write(st, offset, flags, data),
             Msg::Zero {
                 offset, len, flags, ..
             } => {
@@ -486,37 +454,9 @@ impl Backup {
             }
             // In epoch mode neither a flush nor the end of a resync applies
             // the open epoch: only its close does.
-            Msg::Flush { .. } => self.disk.flush().map_err(disk_err("flush")),
-            Msg::EpochClose { .. } => {
-                self.apply_epoch(st)?;
-                self.disk.flush().map_err(disk_err("close an epoch"))?;
-                self.epochs.fetch_add(1, Ordering::SeqCst);
-                st.spilled = false;
-                if st.marked {
-                    // In epoch mode the marker means "an epoch spilled":
-                    // this close made the image consistent again.
-                    st.marked = false;
-                    let mut rec = self.record.lock();
-                    rec.resync = None;
-                    generation::store(&self.stack.image, &rec)
-                        .map_err(|source| ReplicationError::Record { source })?;
-                }
-                Ok(())
-            }
-            Msg::ResyncDone { gens, .. } => {
-                self.disk.flush().map_err(disk_err("flush"))?;
-                let mut rec = self.record.lock();
-                rec.gens.sync_done_target(&gens);
-                rec.resync = None;
-                rec.split_brain = false;
-                rec.peer = Some(st.peer.clone());
-                rec.role = Role::Backup;
-                generation::store(&self.stack.image, &rec)
-                    .map_err(|source| ReplicationError::Record { source })?;
-                st.resync = false;
-                st.marked = false;
-                Ok(())
-            }
+            Msg::Flush { .. } => self.flush("flush"),
+            Msg::EpochClose { .. } => self.close_epoch(st),
+            Msg::ResyncDone { gens, .. } => self.resync_done(st, &gens),
             Msg::HashReq {
                 seq,
                 offset,
@@ -534,6 +474,78 @@ impl Backup {
                 reason: format!("unexpected {:?} from the primary", other.msg_type()),
             }),
         }
+    }
+
+    fn flush(&self, op: &'static str) -> Result<(), ReplicationError> {
+        self.disk
+            .flush()
+            .map_err(|source| ReplicationError::Disk { op, source })
+    }
+
+    /// A write: buffered in the open epoch (epoch mode), else written.
+    fn apply_write(
+        &self,
+        st: &mut Apply,
+        offset: u64,
+        flags: u8,
+        data: &[u8],
+    ) -> Result<(), ReplicationError> {
+        if st.mode == Mode::Epoch && !st.spilled {
+            st.epoch_bytes += data.len() as u64;
+            st.epoch.push(Pending::Write {
+                offset,
+                data: data.to_vec(),
+            });
+            return self.maybe_spill(st);
+        }
+        if st.resync {
+            self.mark_inconsistent(st)?;
+        }
+        let opts = WriteOpts {
+            fua: flags & wire::flags::FUA != 0,
+            epoch: 0,
+        };
+        self.disk
+            .write_at(data, offset, opts)
+            .map_err(|source| ReplicationError::Disk {
+                op: "write",
+                source,
+            })
+    }
+
+    /// The open epoch goes into the journal and is closed and flushed as
+    /// one journal epoch.
+    fn close_epoch(&self, st: &mut Apply) -> Result<(), ReplicationError> {
+        self.apply_epoch(st)?;
+        self.flush("close an epoch")?;
+        self.epochs.fetch_add(1, Ordering::SeqCst);
+        st.spilled = false;
+        if st.marked {
+            // In epoch mode the marker means "an epoch spilled": this
+            // close made the image consistent again.
+            st.marked = false;
+            let mut rec = self.record.lock();
+            rec.resync = None;
+            generation::store(&self.stack.image, &rec)
+                .map_err(|source| ReplicationError::Record { source })?;
+        }
+        Ok(())
+    }
+
+    /// The resync is complete: take the primary's generations.
+    fn resync_done(&self, st: &mut Apply, gens: &Generations) -> Result<(), ReplicationError> {
+        self.flush("flush")?;
+        let mut rec = self.record.lock();
+        rec.gens.sync_done_target(gens);
+        rec.resync = None;
+        rec.split_brain = false;
+        rec.peer = Some(st.peer.clone());
+        rec.role = Role::Backup;
+        generation::store(&self.stack.image, &rec)
+            .map_err(|source| ReplicationError::Record { source })?;
+        st.resync = false;
+        st.marked = false;
+        Ok(())
     }
 
     fn zero(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ReplicationError> {
@@ -646,6 +658,19 @@ impl Backup {
         self.stack.switch.set_route(Route::Local);
         tracing::info!(export = %rec.name, "backup promoted");
         Ok(())
+    }
+}
+
+/// The `Ack` code for a failed request.
+fn failure_code(e: &ReplicationError) -> u32 {
+    match e {
+        ReplicationError::Disk { source, .. }
+            if source.kind() == understudy_block::ErrorKind::NoSpace =>
+        {
+            wire::code::NO_SPACE
+        }
+        ReplicationError::Disk { .. } => wire::code::IO,
+        _ => wire::code::INVALID,
     }
 }
 

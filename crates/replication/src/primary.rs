@@ -552,32 +552,7 @@ impl Shared {
         };
         let decision = generation::decide(&rec.state(self.crashed), &peer);
         tracing::info!(?decision, peer = %link.peer().node_id, "replication connect decision");
-        let full = match decision {
-            Decision::NoSync
-            | Decision::SyncFromBitmap {
-                direction: Direction::ToPeer,
-            } => false,
-            Decision::FullSync {
-                direction: Direction::ToPeer,
-            } => true,
-            Decision::SplitBrain { recoverable: true } => {
-                let mine = SplitFacts {
-                    node: self.cfg.link.node_id.clone(),
-                    changed_bytes: self.persistent.dirty_bytes(),
-                    promoted_at_ms: rec.promoted_at_ms,
-                };
-                let theirs = SplitFacts {
-                    node: link.peer().node_id.clone(),
-                    changed_bytes: welcome.copy.changed_bytes,
-                    promoted_at_ms: welcome.copy.promoted_at_ms,
-                };
-                match generation::resolve_split_brain(&self.cfg.after_split_brain, &mine, &theirs) {
-                    Resolution::DiscardPeer => true,
-                    _ => return Err(self.refuse(decision)),
-                }
-            }
-            _ => return Err(self.refuse(decision)),
-        };
+        let full = self.plan(decision, &rec, &link.peer().node_id, &welcome.copy)?;
         let mut rec = self.record.lock();
         rec.peer = Some(link.peer().node_id.clone());
         rec.resync = Some(generation::ResyncMarker {
@@ -587,6 +562,43 @@ impl Shared {
         generation::store(&self.image, &rec)
             .map_err(|source| ReplicationError::Record { source })?;
         Ok((full, welcome.instance))
+    }
+
+    /// What this copy does with `decision`: `Ok(full)` to sync the peer
+    /// (full: every block, by hash), or the refusal.
+    fn plan(
+        &self,
+        decision: Decision,
+        rec: &GenRecord,
+        peer_node: &str,
+        peer: &CopyInfo,
+    ) -> Result<bool, ReplicationError> {
+        match decision {
+            Decision::NoSync
+            | Decision::SyncFromBitmap {
+                direction: Direction::ToPeer,
+            } => Ok(false),
+            Decision::FullSync {
+                direction: Direction::ToPeer,
+            } => Ok(true),
+            Decision::SplitBrain { recoverable: true } => {
+                let mine = SplitFacts {
+                    node: self.cfg.link.node_id.clone(),
+                    changed_bytes: self.persistent.dirty_bytes(),
+                    promoted_at_ms: rec.promoted_at_ms,
+                };
+                let theirs = SplitFacts {
+                    node: peer_node.to_owned(),
+                    changed_bytes: peer.changed_bytes,
+                    promoted_at_ms: peer.promoted_at_ms,
+                };
+                match generation::resolve_split_brain(&self.cfg.after_split_brain, &mine, &theirs) {
+                    Resolution::DiscardPeer => Ok(true),
+                    _ => Err(self.refuse(decision)),
+                }
+            }
+            _ => Err(self.refuse(decision)),
+        }
     }
 
     fn refuse(&self, decision: Decision) -> ReplicationError {
