@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use understudy_block::{Disk, DiskRead, DiskWrite, Format, WriteOpts};
+use understudy_block::{Disk, DiskRead, DiskWrite, Format, WriteOpts, ZeroOpts};
 use understudy_journal::JournalConfig;
 use understudy_peer::{PeerConfig, PeerKey, PeerListener};
 use understudy_replication::generation::{self, Decision};
@@ -531,6 +531,106 @@ fn failover_then_reprotect_resyncs_only_what_changed() {
     );
     assert_eq!(old.backup.record().role, generation::Role::Backup);
     assert_eq!(old.backup.record().gens, st.gens);
+}
+
+/// A disk that fails writes with ENOSPC while `full` is set.
+#[derive(Debug)]
+struct FullDisk {
+    inner: Arc<dyn Disk>,
+    full: Arc<AtomicBool>,
+}
+
+impl FullDisk {
+    fn check(&self, offset: u64, len: u64) -> understudy_block::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(understudy_block::BlockError::Write {
+                offset,
+                len,
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl understudy_block::DiskSize for FullDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+}
+impl DiskRead for FullDisk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> understudy_block::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+}
+impl DiskWrite for FullDisk {
+    fn write_at(&self, buf: &[u8], offset: u64, o: WriteOpts) -> understudy_block::Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset, o)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, z: ZeroOpts) -> understudy_block::Result<()> {
+        self.check(offset, len)?;
+        self.inner.write_zeroes(offset, len, z)
+    }
+    fn discard(&self, offset: u64, len: u64, o: WriteOpts) -> understudy_block::Result<()> {
+        self.inner.discard(offset, len, o)
+    }
+    fn flush(&self) -> understudy_block::Result<()> {
+        self.inner.flush()
+    }
+}
+impl understudy_block::DiskMap for FullDisk {
+    fn map(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> understudy_block::Result<Vec<understudy_block::Extent>> {
+        self.inner.map(offset, len)
+    }
+}
+impl Disk for FullDisk {
+    fn info(&self) -> understudy_block::DiskInfo {
+        self.inner.info()
+    }
+}
+
+#[test]
+fn a_full_backup_disk_loses_nothing_and_is_reported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let full = Arc::new(AtomicBool::new(false));
+    let mut spec = StackSpec::new("b", dir.path().join("b.img"));
+    spec.format = Some(Format::Raw);
+    spec.source = ImageSource::Create { size: SIZE };
+    let f = full.clone();
+    spec.block_wrapper = Some(Arc::new(move |inner| {
+        Arc::new(FullDisk {
+            inner,
+            full: f.clone(),
+        }) as Arc<dyn Disk>
+    }));
+    let b = serve_backup(
+        ExportStack::open_writable(&spec).expect("open"),
+        BackupConfig::default(),
+        "node-b",
+    );
+    let p = Primary::start(&a, primary_cfg(Mode::Sync, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    full.store(true, Ordering::SeqCst);
+    for i in 0..8 {
+        a.switch
+            .write_at(&block_of(50_000 + i), i * 2 * BLOCK, WriteOpts::default())
+            .expect("the primary keeps serving");
+    }
+    let st = wait(&p, "reported", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("code 1"))
+    });
+    assert_ne!(st.state, State::InSync, "{st:?}");
+    full.store(false, Ordering::SeqCst);
+    wait(&p, "in sync again", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
 }
 
 #[test]
