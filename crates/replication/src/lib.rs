@@ -34,5 +34,7 @@ pub mod wire;
 pub use backup::{Backup, BackupConfig, BackupStats, ReadOnlyView};
 pub use error::{DecodeError, RecordError, ReplicationError};
 pub use observer::ReplicaObserver;
-pub use primary::{BITMAP, DEFAULT_GRANULARITY, PURPOSE, Primary, PrimaryConfig, State, Status};
+pub use primary::{
+    BITMAP, DEFAULT_GRANULARITY, PURPOSE, Primary, PrimaryConfig, State, Status, VerifyReport,
+};
 pub use wire::Mode;

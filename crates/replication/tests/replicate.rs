@@ -634,6 +634,29 @@ fn a_full_backup_disk_loses_nothing_and_is_reported() {
 }
 
 #[test]
+fn online_verify_reports_and_repairs_differing_blocks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    seed_primary(&a);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let p = Primary::start(&a, primary_cfg(Mode::Sync, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    assert!(p.verify(false).expect("verify").differing.is_empty());
+    // Damage the backup behind the replica's back.
+    b.backup
+        .stack()
+        .block
+        .write_at(&block_of(31_337), 5 * BLOCK, WriteOpts::default())
+        .expect("damage");
+    let r = p.verify(true).expect("verify");
+    assert_eq!(r.differing, vec![(5 * BLOCK, BLOCK)]);
+    assert_eq!(r.blocks, SIZE / BLOCK);
+    wait(&p, "repaired", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    assert!(p.verify(false).expect("verify").differing.is_empty());
+}
+
+#[test]
 fn a_backup_refuses_client_writes_until_promoted() {
     let dir = tempfile::tempdir().expect("tmp");
     let b = Backup::open(stack(dir.path(), "b", false), BackupConfig::default()).expect("open");
