@@ -774,13 +774,16 @@ impl Shared {
                     flags,
                     data,
                 } => {
+                    // A failed send may not have recorded the range as
+                    // unsafe: it goes back to `pending` here.
                     s.send(data.len() as u64, |seq| Msg::Write {
                         seq,
                         offset,
                         flags,
                         hash: wire::extent_hash(&data),
                         data: &data,
-                    })?;
+                    })
+                    .inspect_err(|_| self.obs.pending.mark(offset, data.len() as u64))?;
                 }
                 Item::Zero { offset, len, flags } => {
                     s.send(0, |seq| Msg::Zero {
@@ -788,7 +791,8 @@ impl Shared {
                         offset,
                         len,
                         flags,
-                    })?;
+                    })
+                    .inspect_err(|_| self.obs.pending.mark(offset, len))?;
                 }
                 Item::EpochClose { epoch } => {
                     if idx <= lp.round_end || self.obs.pending.dirty_bytes() > 0 {
