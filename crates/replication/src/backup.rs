@@ -510,7 +510,18 @@ impl Backup {
             .map_err(|source| ReplicationError::Disk {
                 op: "write",
                 source,
-            })
+            })?;
+        if st.spilled {
+            // The copy is marked inconsistent already: close journal
+            // epochs as it fills, so one huge epoch (a full resync) cannot
+            // outgrow the journal.
+            st.epoch_bytes += data.len() as u64;
+            if st.epoch_bytes > self.cfg.max_epoch_bytes {
+                st.epoch_bytes = 0;
+                self.flush("apply a spilled epoch")?;
+            }
+        }
+        Ok(())
     }
 
     /// The open epoch goes into the journal and is closed and flushed as

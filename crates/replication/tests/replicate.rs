@@ -657,6 +657,24 @@ fn online_verify_reports_and_repairs_differing_blocks() {
 }
 
 #[test]
+fn an_epoch_larger_than_the_buffer_spills_and_recovers_consistency() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    seed_primary(&a);
+    let cfg = BackupConfig {
+        max_epoch_bytes: 256 << 10,
+        ..BackupConfig::default()
+    };
+    let b = backup_node(dir.path(), true, cfg);
+    let p = Primary::start(&a, primary_cfg(Mode::Epoch, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    // The 2 MiB initial sync spilled; the closing epoch made the copy
+    // consistent again, so it may be promoted.
+    assert_eq!(b.backup.record().resync, None);
+}
+
+#[test]
 fn a_backup_refuses_client_writes_until_promoted() {
     let dir = tempfile::tempdir().expect("tmp");
     let b = Backup::open(stack(dir.path(), "b", false), BackupConfig::default()).expect("open");
