@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use understudy_bitmap::DirtyBitmap;
@@ -113,12 +114,21 @@ pub struct ReplicaObserver {
     /// generation starts first (before it, or at least before it is
     /// acknowledged when its sending failed).
     pub(crate) shared_gens: AtomicBool,
+    /// The time bound on the lag, if any.
+    max_lag_time: Option<Duration>,
+    /// Bytes ever queued.
+    enqueued_bytes: AtomicU64,
+    /// `(enqueued_bytes after a write, when it was queued)` of the writes
+    /// not yet acknowledged, oldest first (for the time bound).
+    times: parking_lot::Mutex<VecDeque<(u64, Instant)>>,
+    /// How often writes fell back to the bitmap because of a lag bound.
+    pub(crate) behind_events: AtomicU64,
 }
 
 impl ReplicaObserver {
     pub(crate) fn new(
         mode: Mode,
-        max_lag: u64,
+        (max_lag, max_lag_time): (u64, Option<Duration>),
         pending: Arc<DirtyBitmap>,
         record: Arc<parking_lot::Mutex<GenRecord>>,
         image: PathBuf,
@@ -128,6 +138,10 @@ impl ReplicaObserver {
             record,
             image,
             shared_gens: AtomicBool::new(rotate),
+            max_lag_time,
+            enqueued_bytes: AtomicU64::new(0),
+            times: parking_lot::Mutex::new(VecDeque::new()),
+            behind_events: AtomicU64::new(0),
             mode,
             max_lag,
             stream: RwLock::new(Stream::Off),
@@ -215,9 +229,27 @@ impl ReplicaObserver {
     }
 
     /// Queue a write (async, epoch); false when over the lag bound.
+    /// Whether the oldest write not yet acknowledged was queued longer
+    /// ago than the time bound.
+    fn over_time(&self) -> bool {
+        let Some(max) = self.max_lag_time else {
+            return false;
+        };
+        let acked = self
+            .enqueued_bytes
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.lag.load(Ordering::SeqCst));
+        let mut t = self.times.lock();
+        while t.front().is_some_and(|&(total, _)| total <= acked) {
+            t.pop_front();
+        }
+        t.front().is_some_and(|&(_, at)| at.elapsed() > max)
+    }
+
     fn enqueue(&self, op: &WriteOp<'_>) -> bool {
-        if self.lag.load(Ordering::SeqCst) + op.len > self.max_lag {
+        if self.lag.load(Ordering::SeqCst) + op.len > self.max_lag || self.over_time() {
             if !self.behind.swap(true, Ordering::SeqCst) {
+                self.behind_events.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(
                     lag = self.lag_bytes(),
                     max_lag = self.max_lag,
@@ -245,7 +277,12 @@ impl ReplicaObserver {
             },
             WriteKind::Discard => return false,
         };
-        self.lag.fetch_add(item.bytes(), Ordering::SeqCst);
+        let bytes = item.bytes();
+        self.lag.fetch_add(bytes, Ordering::SeqCst);
+        if self.max_lag_time.is_some() && bytes > 0 {
+            let total = self.enqueued_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
+            self.times.lock().push_back((total, Instant::now()));
+        }
         self.queue.push(item);
         true
     }

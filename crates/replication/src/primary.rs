@@ -57,6 +57,10 @@ pub struct PrimaryConfig {
     /// async/epoch: most bytes queued or in flight before writes fall back
     /// to bitmap tracking. Default: 64 MiB.
     pub max_lag: u64,
+    /// async/epoch: the longest a queued write may wait for the backup's
+    /// ack before writes fall back to bitmap tracking (`None`: no time
+    /// bound). Default: none.
+    pub max_lag_time: Option<Duration>,
     /// Compare block hashes before sending resync data (after a crash, or
     /// when the backup may already hold most of it). A full sync always
     /// does. Default: false.
@@ -93,6 +97,7 @@ impl PrimaryConfig {
             peer_addr: peer_addr.into(),
             link,
             max_lag: 64 << 20,
+            max_lag_time: None,
             checksum: false,
             after_split_brain: AfterSplitBrain::Disconnect,
             ack_timeout: Duration::from_secs(10),
@@ -141,6 +146,9 @@ pub struct Status {
     pub resync_bytes: u64,
     /// Sessions started.
     pub sessions: u64,
+    /// How often async/epoch writes fell back to the bitmap because the
+    /// backup lagged past a bound.
+    pub fell_behind: u64,
     /// Why the last session or connect failed.
     pub last_error: Option<String>,
     /// This copy's generations.
@@ -274,7 +282,7 @@ impl Primary {
         let record = Arc::new(Mutex::new(record));
         let obs = Arc::new(ReplicaObserver::new(
             cfg.mode,
-            cfg.max_lag,
+            (cfg.max_lag, cfg.max_lag_time),
             pending,
             record.clone(),
             stack.image.clone(),
@@ -288,6 +296,7 @@ impl Primary {
             pending_bytes: 0,
             resync_bytes: 0,
             sessions: 0,
+            fell_behind: 0,
             last_error: None,
             gens: record.lock().gens.clone(),
         };
@@ -498,6 +507,7 @@ impl Shared {
         st.lag_bytes = self.obs.lag_bytes();
         st.pending_bytes = self.obs.pending_bytes();
         st.resync_bytes = self.resync_sent.load(Ordering::Relaxed);
+        st.fell_behind = self.obs.behind_events.load(Ordering::SeqCst);
     }
 
     fn set_state(&self, state: State) {

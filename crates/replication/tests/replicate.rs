@@ -533,15 +533,18 @@ fn failover_then_reprotect_resyncs_only_what_changed() {
     assert_eq!(old.backup.record().gens, st.gens);
 }
 
-/// A disk that fails writes with ENOSPC while `full` is set.
+/// A disk that fails writes with ENOSPC while `full` is set, and takes
+/// `delay` per write (a slow device).
 #[derive(Debug)]
 struct FullDisk {
     inner: Arc<dyn Disk>,
     full: Arc<AtomicBool>,
+    delay: Duration,
 }
 
 impl FullDisk {
     fn check(&self, offset: u64, len: u64) -> understudy_block::Result<()> {
+        std::thread::sleep(self.delay);
         if self.full.load(Ordering::SeqCst) {
             return Err(understudy_block::BlockError::Write {
                 offset,
@@ -607,6 +610,7 @@ fn a_full_backup_disk_loses_nothing_and_is_reported() {
         Arc::new(FullDisk {
             inner,
             full: f.clone(),
+            delay: Duration::ZERO,
         }) as Arc<dyn Disk>
     }));
     let b = serve_backup(
@@ -672,6 +676,38 @@ fn an_epoch_larger_than_the_buffer_spills_and_recovers_consistency() {
     // The 2 MiB initial sync spilled; the closing epoch made the copy
     // consistent again, so it may be promoted.
     assert_eq!(b.backup.record().resync, None);
+}
+
+#[test]
+fn async_falls_behind_on_the_time_bound_and_catches_up() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    let mut spec = StackSpec::new("b", dir.path().join("b.img"));
+    spec.format = Some(Format::Raw);
+    spec.source = ImageSource::Create { size: SIZE };
+    spec.block_wrapper = Some(Arc::new(|inner| {
+        Arc::new(FullDisk {
+            inner,
+            full: Arc::new(AtomicBool::new(false)),
+            delay: Duration::from_millis(2),
+        }) as Arc<dyn Disk>
+    }));
+    let b = serve_backup(
+        ExportStack::open_writable(&spec).expect("open"),
+        BackupConfig::default(),
+        "node-b",
+    );
+    let mut cfg = primary_cfg(Mode::Async, &b.addr);
+    cfg.max_lag_time = Some(Duration::from_millis(5));
+    let p = Primary::start(&a, cfg).expect("start");
+    wait(&p, "in sync", in_sync);
+    writer(a.switch.clone(), 9, 200).join().expect("writer");
+    let st = wait(&p, "caught up", in_sync);
+    assert!(
+        st.fell_behind > 0,
+        "a 2 ms disk never exceeded a 5 ms bound: {st:?}"
+    );
+    wait_equal(&*a.block, &*b.backup.stack().switch);
 }
 
 #[test]
