@@ -20,7 +20,7 @@
 //! [`Backup::promote`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use understudy_block::{
@@ -86,7 +86,14 @@ pub struct Backup {
     disk: Arc<dyn Disk>,
     cfg: BackupConfig,
     record: Mutex<GenRecord>,
-    active: AtomicBool,
+    /// The running session: its id and the primary's node id. A session
+    /// that is no longer current (superseded by its own primary's
+    /// reconnect, or ended) applies nothing more.
+    current: Mutex<Option<(u64, String)>>,
+    next_session: AtomicU64,
+    /// Held while a message is applied (and during a handshake), so a
+    /// superseded session cannot interleave with the new one.
+    apply_lock: Mutex<()>,
     /// This run's random id (see [`Welcome::instance`]).
     instance: u64,
     sessions: AtomicU64,
@@ -181,7 +188,9 @@ impl Backup {
             disk,
             cfg,
             record: Mutex::new(record),
-            active: AtomicBool::new(false),
+            current: Mutex::new(None),
+            next_session: AtomicU64::new(0),
+            apply_lock: Mutex::new(()),
             instance: generation::new_id(),
             sessions: AtomicU64::new(0),
             epochs: AtomicU64::new(0),
@@ -210,7 +219,19 @@ impl Backup {
 
     /// Whether a primary is connected.
     pub fn is_serving(&self) -> bool {
-        self.active.load(Ordering::SeqCst)
+        self.current.lock().is_some()
+    }
+
+    /// End the running session (an operator's disconnect, or a session
+    /// whose primary vanished without closing the link): it applies
+    /// nothing more, and [`Backup::promote`] is possible.
+    pub fn end_session(&self) {
+        let _g = self.apply_lock.lock();
+        *self.current.lock() = None;
+    }
+
+    fn is_current(&self, id: u64) -> bool {
+        self.current.lock().as_ref().is_some_and(|(i, _)| *i == id)
     }
 
     /// Give the stack back (a backup that is not promoted stays read-only).
@@ -222,21 +243,51 @@ impl Backup {
     /// session refused by the generations changes nothing and returns
     /// [`ReplicationError::Refused`]; a lost link returns `Ok` (the open
     /// epoch, in epoch mode, is dropped).
+    ///
+    /// A new connection from the primary of the running session supersedes
+    /// it (the primary runs one session at a time, so the old one is dead
+    /// even if this side has not noticed); one from another node is refused
+    /// with `BUSY`.
     pub fn serve(&self, link: Link) -> Result<(), ReplicationError> {
-        if self.active.swap(true, Ordering::SeqCst) {
-            let _ = link.send_error(error_code::BUSY, "a replication session is already running");
-            return Err(ReplicationError::Protocol {
-                reason: "a second session was refused: one primary at a time".into(),
-            });
-        }
+        let peer = link.peer().node_id.clone();
+        let id = {
+            let mut cur = self.current.lock();
+            if let Some((_, p)) = &*cur {
+                if *p != peer {
+                    let _ = link.send_error(
+                        error_code::BUSY,
+                        "another primary is replicating to this backup",
+                    );
+                    return Err(ReplicationError::Protocol {
+                        reason: format!("{peer} was refused: {p} is replicating here"),
+                    });
+                }
+                tracing::warn!(
+                    peer,
+                    "the primary reconnected: its old session is superseded"
+                );
+            }
+            let id = self.next_session.fetch_add(1, Ordering::SeqCst) + 1;
+            *cur = Some((id, peer));
+            id
+        };
         self.sessions.fetch_add(1, Ordering::SeqCst);
-        let r = self.serve_inner(link);
-        self.active.store(false, Ordering::SeqCst);
+        let r = self.serve_inner(link, id);
+        let mut cur = self.current.lock();
+        if cur.as_ref().is_some_and(|(i, _)| *i == id) {
+            *cur = None;
+        }
         r
     }
 
-    fn serve_inner(&self, mut link: Link) -> Result<(), ReplicationError> {
-        let (mode, resync) = self.handshake(&mut link)?;
+    fn serve_inner(&self, mut link: Link, id: u64) -> Result<(), ReplicationError> {
+        let (mode, resync) = {
+            let _g = self.apply_lock.lock();
+            if !self.is_current(id) {
+                return Ok(());
+            }
+            self.handshake(&mut link)?
+        };
         let peer = link.peer().node_id.clone();
         let (tx, mut rx) = link.split();
         let mut st = Apply {
@@ -267,6 +318,11 @@ impl Backup {
                 }
             };
             let seq = m.seq().unwrap_or(0);
+            let _g = self.apply_lock.lock();
+            if !self.is_current(id) {
+                tracing::info!("a superseded replication session ends");
+                return Ok(());
+            }
             if let Err(e) = self.apply(&mut st, &tx, m) {
                 let _ = ack(&tx, seq, failure_code(&e), &e.to_string());
                 return Err(e);
@@ -636,10 +692,11 @@ impl Backup {
     /// it records what is written from now on, and routes client I/O to
     /// the stack's own disk.
     pub fn promote(&self) -> Result<(), ReplicationError> {
-        if self.active.load(Ordering::SeqCst) {
+        let _g = self.apply_lock.lock();
+        if self.current.lock().is_some() {
             return Err(ReplicationError::Role {
                 role: Role::Backup,
-                what: "a primary is connected; stop it (or cut the link) before promoting",
+                what: "a primary is connected; stop it, or end its session (end_session) if it is gone, before promoting",
             });
         }
         let mut rec = self.record.lock();

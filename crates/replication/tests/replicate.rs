@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use understudy_block::{Disk, DiskRead, DiskWrite, Format, WriteOpts, ZeroOpts};
 use understudy_journal::JournalConfig;
-use understudy_peer::{PeerConfig, PeerKey, PeerListener};
+use understudy_peer::{Link, PeerConfig, PeerKey, PeerListener};
 use understudy_replication::generation::{self, Decision};
-use understudy_replication::{Backup, BackupConfig, Mode, Primary, PrimaryConfig, State, Status};
+use understudy_replication::wire::{self, CopyInfo, Hello, Msg};
+use understudy_replication::{
+    Backup, BackupConfig, Mode, PURPOSE, Primary, PrimaryConfig, State, Status,
+};
 use understudy_stack::{ExportStack, ImageSource, StackSpec};
 
 const SIZE: u64 = 16 << 20;
@@ -56,10 +59,15 @@ fn serve_backup(stack: ExportStack, cfg: BackupConfig, node: &str) -> BackupNode
     let addr = listener.local_addr().expect("addr");
     let b = backup.clone();
     let thread = std::thread::spawn(move || {
+        // One thread per session, as a daemon serves them: a reconnecting
+        // primary must not wait behind its own stale session.
         while let Ok((link, _)) = listener.accept() {
-            if let Err(e) = b.serve(link) {
-                eprintln!("backup session: {e}");
-            }
+            let b = b.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = b.serve(link) {
+                    eprintln!("backup session: {e}");
+                }
+            });
         }
     });
     BackupNode {
@@ -708,6 +716,55 @@ fn async_falls_behind_on_the_time_bound_and_catches_up() {
         "a 2 ms disk never exceeded a 5 ms bound: {st:?}"
     );
     wait_equal(&*a.block, &*b.backup.stack().switch);
+}
+
+/// A session from `node` that has sent its hello and then goes quiet
+/// without closing the link (a vanished primary, as the backup sees it).
+fn stale_session(addr: &str, node: &str) -> Result<Link, String> {
+    let mut link = Link::connect(addr, &link_cfg(node), PURPOSE).map_err(|e| e.to_string())?;
+    let hello = Msg::Hello(Hello {
+        min_version: wire::MIN_VERSION,
+        max_version: wire::MAX_VERSION,
+        mode: Mode::Async,
+        size: SIZE,
+        name: "a".into(),
+        copy: CopyInfo {
+            gens: generation::Generations::fresh(12_345),
+            ..CopyInfo::default()
+        },
+    });
+    let (t, body, _) = hello.encode().map_err(|e| e.to_string())?;
+    link.send(t, &body).map_err(|e| e.to_string())?;
+    link.recv().map_err(|e| e.to_string())?;
+    Ok(link)
+}
+
+#[test]
+fn a_reconnecting_primary_supersedes_its_stale_session() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = stack(dir.path(), "a", false);
+    seed_primary(&a);
+    let b = backup_node(dir.path(), false, BackupConfig::default());
+    let stale = stale_session(&b.addr, "node-a").expect("stale session");
+    let deadline = Instant::now() + DEADLINE;
+    while !b.backup.is_serving() {
+        assert!(Instant::now() < deadline, "the stale session never started");
+        std::thread::yield_now();
+    }
+    // Another node is refused while it runs...
+    let err = stale_session(&b.addr, "node-c").expect_err("busy");
+    assert!(err.contains("another primary"), "{err}");
+    // ...but the same primary, reconnecting, takes over at once.
+    let p = Primary::start(&a, primary_cfg(Mode::Sync, &b.addr)).expect("start");
+    wait(&p, "in sync", in_sync);
+    wait_equal(&*a.block, &*b.backup.stack().switch);
+    drop(stale);
+    // An operator can end a session whose primary is gone, then promote.
+    p.disconnect();
+    b.backup.end_session();
+    b.backup
+        .promote()
+        .expect("promote after ending the session");
 }
 
 #[test]
