@@ -13,9 +13,11 @@
 //!
 //! Every write, write-zeroes and discard runs
 //! `before_write` on each observer (in order) → the inner operation →
-//! `after_write` on each observer (in reverse order) → return. Reads, map,
-//! flush and order pass straight through: dirty bitmaps are crash safe
-//! through their intent log, so a flush owes them nothing.
+//! `after_write` on each observer (in reverse order) → return. Reads and
+//! map pass straight through; flush and order run on the inner disk and
+//! then past each observer's `after_flush` (a replica makes the flush
+//! durable on its peer there; dirty bitmaps are crash safe through their
+//! intent log, so a flush owes them nothing).
 //!
 //! If the inner operation fails, `after_write` still runs (with the error):
 //! the range may be partly written, so the bitmaps mark it. If an observer
@@ -122,6 +124,23 @@ pub trait WriteObserver: Send + Sync + fmt::Debug {
         token: WriteToken,
         outcome: std::result::Result<(), &BlockError>,
     );
+
+    /// Called after the inner disk completed a flush or a write-order
+    /// barrier, before the caller gets its answer; an error fails the
+    /// flush. A replica uses it to make a flush durable on both sides.
+    /// Default: nothing.
+    fn after_flush(&self, _barrier: Barrier) -> std::result::Result<(), ObserverError> {
+        Ok(())
+    }
+}
+
+/// What [`WriteObserver::after_flush`] follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Barrier {
+    /// A flush: every completed write is durable.
+    Flush,
+    /// A write-order barrier that closed this epoch.
+    Order(Epoch),
 }
 
 /// The dirty-bitmap observer: `begin_write` before, `complete` after
@@ -285,6 +304,25 @@ impl FilterDisk {
     }
 }
 
+impl FilterDisk {
+    /// Tell every observer a flush or barrier completed; the first refusal
+    /// fails it.
+    fn flushed(&self, barrier: Barrier) -> Result<()> {
+        for o in self.observers.read().iter() {
+            o.after_flush(barrier).map_err(|e| BlockError::Refused {
+                op: match barrier {
+                    Barrier::Flush => "flush",
+                    Barrier::Order(_) => "order",
+                },
+                offset: 0,
+                len: 0,
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// The block error for a write an observer refused (the observer's error
 /// chained as the source, so callers can still reach a `StoreError`).
 fn refused(op: &WriteOp<'_>, e: ObserverError) -> BlockError {
@@ -344,11 +382,14 @@ impl DiskWrite for FilterDisk {
     }
 
     fn flush(&self) -> Result<()> {
-        self.inner.flush()
+        self.inner.flush()?;
+        self.flushed(Barrier::Flush)
     }
 
     fn order(&self) -> Result<Epoch> {
-        self.inner.order()
+        let epoch = self.inner.order()?;
+        self.flushed(Barrier::Order(epoch))?;
+        Ok(epoch)
     }
 }
 
