@@ -12,15 +12,17 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use understudy_block::{DiskWrite, Format};
 use understudy_journal::JournalConfig;
+use understudy_migration::Route;
 use understudy_nbd_server::{Export, Server};
 use understudy_peer::{Link, PeerConfig};
+use understudy_replication::generation::{self, Role};
 use understudy_replication::{
     Backup, BackupConfig, Hello, Mode, PURPOSE, Primary, PrimaryConfig, State, recv_hello,
 };
@@ -147,15 +149,28 @@ impl Replicator {
             );
         }
         let image = dir.join(format!("{name}.img"));
-        let mut spec = StackSpec::new(name.clone(), image.clone());
-        spec.format = Some(Format::Raw);
-        spec.source = if image.exists() {
+        let source = if image.exists() {
             ImageSource::Existing {
                 size: Some(hello.size),
             }
         } else {
             ImageSource::Create { size: hello.size }
         };
+        self.open_backup(&mut backups, name, image, source)
+    }
+
+    /// Open `image` as the replica `name`, serve it (read-only unless its
+    /// record says it was promoted) and remember it.
+    fn open_backup(
+        &self,
+        backups: &mut BTreeMap<String, Arc<Backup>>,
+        name: &str,
+        image: PathBuf,
+        source: ImageSource,
+    ) -> Result<Arc<Backup>> {
+        let mut spec = StackSpec::new(name, image.clone());
+        spec.format = Some(Format::Raw);
+        spec.source = source;
         spec.journal = self.journal.clone();
         let stack = ExportStack::open_writable(&spec)?;
         let cfg = BackupConfig {
@@ -167,12 +182,53 @@ impl Replicator {
             ..BackupConfig::default()
         };
         let backup = Arc::new(Backup::open(stack, cfg)?);
-        let export = Export::new(name.clone(), backup.stack().switch.clone())
+        if backup.record().role == Role::Primary {
+            // Promoted before a restart: it stays writable (a primary
+            // connecting to it is refused by the generations).
+            backup.stack().switch.set_route(Route::Local);
+        }
+        let export = Export::new(name.to_owned(), backup.stack().switch.clone())
             .with_description(format!("understudy replica {}", image.display()));
         self.nbd.exports().insert(export);
-        backups.insert(name.clone(), backup.clone());
-        tracing::info!(export = %name, image = %image.display(), "serving a replica read-only");
+        backups.insert(name.to_owned(), backup.clone());
+        tracing::info!(export = %name, image = %image.display(), role = ?backup.record().role, "serving a replica");
         Ok(backup)
+    }
+
+    /// Serve the replicas in the receive directory (after a restart):
+    /// every `NAME.img` with a replication record.
+    pub fn serve_existing(&self) -> Result<()> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let mut backups = self.backups.lock();
+        let rd = std::fs::read_dir(dir)
+            .with_context(|| format!("reading the replica directory {}", dir.display()))?;
+        for entry in rd {
+            let path = entry?.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".img"))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            match generation::load(&path) {
+                Ok(Some(_)) => {
+                    self.open_backup(
+                        &mut backups,
+                        &name,
+                        path,
+                        ImageSource::Existing { size: None },
+                    )
+                    .with_context(|| format!("opening the replica {name:?}"))?;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(image = %path.display(), "skipping: {e}"),
+            }
+        }
+        Ok(())
     }
 
     /// Answer a `replicate.*` control request.
@@ -362,8 +418,8 @@ fn backup_status(name: &str, b: &Backup) -> Value {
     let rec = b.record();
     let stats = b.stats();
     let role = match rec.role {
-        understudy_replication::generation::Role::Primary => "primary",
-        understudy_replication::generation::Role::Backup => "backup",
+        Role::Primary => "primary",
+        Role::Backup => "backup",
     };
     let state = match (role, b.is_serving()) {
         ("primary", _) => "promoted",

@@ -406,6 +406,7 @@ impl Daemon {
                 .as_ref()
                 .map(|j| j.config()),
         ));
+        replication.serve_existing()?;
         let (stop_tx, stop_rx) = mpsc::channel();
         let daemon = Arc::new(Self {
             exports: RwLock::new(exports),

@@ -168,3 +168,84 @@ fn sync_replication_then_failover_keeps_every_acknowledged_write() {
     );
     assert!(b.stop(), "the promoted backup did not stop cleanly");
 }
+
+/// async and epoch: the backup catches up after the client's writes (the
+/// client's final flush closes the last epoch) and reads the same as the
+/// primary through its own NBD export (an epoch backup through its journal).
+#[test]
+fn async_and_epoch_replicas_catch_up() {
+    for mode in ["async", "epoch"] {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let k = key(dir);
+        let img = dir.join("vm.img");
+        run(
+            "qemu-img",
+            &["create", "-f", "raw", img.to_str().unwrap(), "16M"],
+        );
+        qemu_io_ok(img.to_str().unwrap(), &["write -P 0x5a 0 2M"]);
+        let b_peer = format!("127.0.0.1:{}", free_port());
+        let b = Server::start(
+            dir,
+            &[
+                "--accept-migrations",
+                dir.join("b-in").to_str().unwrap(),
+                "--peer-listen",
+                &b_peer,
+                "--peer-key",
+                &k,
+                "--node-id",
+                "node-b",
+                "--received-journal",
+                "on",
+            ],
+        );
+        let a = Server::start(
+            dir,
+            &[
+                "--export",
+                &format!("name=vm,path={}", img.display()),
+                "--peer-key",
+                &k,
+                "--node-id",
+                "node-a",
+            ],
+        );
+        a.ctl_ok(&[
+            "replicate",
+            "start",
+            "vm",
+            "--to",
+            &b_peer,
+            "--mode",
+            mode,
+            "--max-lag",
+            "1M",
+        ]);
+        for w in WRITES {
+            qemu_io_ok(&a.uri("vm"), &[w]);
+        }
+        wait_until("the replica caught up", || {
+            let st = status(&a, "vm");
+            st["state"] == "in_sync" && st["lag_bytes"] == 0 && st["pending_bytes"] == 0
+        });
+        assert_eq!(status(&a, "vm")["mode"], mode);
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                img.to_str().unwrap(),
+                &b.uri("vm"),
+            ],
+        );
+        qemu_io_ok(&b.uri("vm"), READS);
+        let v = a.ctl_ok(&["replicate", "verify", "vm"]);
+        assert!(v.contains(" 0 differing"), "{mode}: {v}");
+        assert!(a.stop(), "{mode}: the primary did not stop cleanly");
+        assert!(b.stop(), "{mode}: the backup did not stop cleanly");
+    }
+}
