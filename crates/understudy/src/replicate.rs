@@ -41,7 +41,8 @@ pub trait PrimaryHost {
 }
 
 struct Running {
-    primary: Primary,
+    /// Shared so a long verify does not hold the table's lock.
+    primary: Arc<Primary>,
     to: String,
 }
 
@@ -107,7 +108,10 @@ impl Replicator {
         let peer = link.peer().node_id.clone();
         let hello = match recv_hello(&mut link) {
             Ok(h) => h,
-            Err(e) => return tracing::warn!(peer, "replication link refused: {e}"),
+            Err(e) => {
+                tracing::warn!(peer, "replication link refused: {e}");
+                return;
+            }
         };
         let backup = match self.backup_for(&hello) {
             Ok(b) => b,
@@ -282,7 +286,7 @@ impl Replicator {
         if let Some(lag) = p.max_lag {
             cfg.max_lag = lag;
         }
-        let primary = host.start_primary(&p.export, cfg)?;
+        let primary = Arc::new(host.start_primary(&p.export, cfg)?);
         let v = primary_status(&p.export, &p.to, &primary);
         primaries.insert(p.export, Running { primary, to: p.to });
         Ok(v)
@@ -331,18 +335,21 @@ impl Replicator {
 
     fn verify(&self, params: &Value) -> Result<Value, CtlError> {
         let p: VerifyParams = parse(params, "{\"export\": NAME, \"repair\": BOOL?}")?;
-        let primaries = self.primaries.lock();
-        let r = primaries.get(&p.export).ok_or_else(|| {
-            (
-                "not_found",
-                format!(
-                    "export {:?} has no running replication here (verify runs on the primary)",
-                    p.export
-                ),
-            )
-        })?;
-        let rep = r
-            .primary
+        let primary = self
+            .primaries
+            .lock()
+            .get(&p.export)
+            .map(|r| r.primary.clone())
+            .ok_or_else(|| {
+                (
+                    "not_found",
+                    format!(
+                        "export {:?} has no running replication here (verify runs on the primary)",
+                        p.export
+                    ),
+                )
+            })?;
+        let rep = primary
             .verify(p.repair)
             .map_err(|e| ("io", understudy_block::error_chain(&e)))?;
         Ok(
@@ -355,8 +362,15 @@ impl Replicator {
     pub fn shutdown(&self) {
         let primaries = std::mem::take(&mut *self.primaries.lock());
         for (name, r) in primaries {
-            if let Err(e) = r.primary.stop() {
-                tracing::error!(export = %name, "stopping replication failed: {e}");
+            // A verify still running holds a clone: that primary is left
+            // to the process exit, and its record then says it crashed (a
+            // bitmap resync at the next start, nothing lost).
+            match Arc::try_unwrap(r.primary).map(Primary::stop) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(export = %name, "stopping replication failed: {e}"),
+                Err(_) => {
+                    tracing::warn!(export = %name, "a verify is running: replication not stopped cleanly")
+                }
             }
         }
         let backups = std::mem::take(&mut *self.backups.lock());
