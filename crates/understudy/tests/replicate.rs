@@ -154,6 +154,9 @@ fn sync_replication_then_failover_keeps_every_acknowledged_write() {
     let (ok, text) = qemu_io(&b.uri("vm"), &["write -P 0x77 0 4k"]);
     assert!(!ok, "a write to the backup succeeded: {text}");
     qemu_io_ok(&b.uri("vm"), READS);
+    // Nor promoted while its primary is connected.
+    let out = b.ctl(&["replicate", "promote", "vm"]);
+    assert!(!out.status.success(), "promoted with a connected primary");
 
     a.kill9();
     wait_until("the backup notices the primary is gone", || {
