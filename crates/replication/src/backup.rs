@@ -249,6 +249,17 @@ impl Backup {
     /// even if this side has not noticed); one from another node is refused
     /// with `BUSY`.
     pub fn serve(&self, link: Link) -> Result<(), ReplicationError> {
+        self.serve_with(link, None)
+    }
+
+    /// [`Backup::serve`] for a link whose hello was already read with
+    /// [`recv_hello`] (a daemon needs its export name and size to open the
+    /// copy before there is a `Backup`).
+    pub fn serve_after_hello(&self, link: Link, hello: Hello) -> Result<(), ReplicationError> {
+        self.serve_with(link, Some(hello))
+    }
+
+    fn serve_with(&self, link: Link, hello: Option<Hello>) -> Result<(), ReplicationError> {
         let peer = link.peer().node_id.clone();
         let id = {
             let mut cur = self.current.lock();
@@ -272,7 +283,7 @@ impl Backup {
             id
         };
         self.sessions.fetch_add(1, Ordering::SeqCst);
-        let r = self.serve_inner(link, id);
+        let r = self.serve_inner(link, id, hello);
         let mut cur = self.current.lock();
         if cur.as_ref().is_some_and(|(i, _)| *i == id) {
             *cur = None;
@@ -280,13 +291,18 @@ impl Backup {
         r
     }
 
-    fn serve_inner(&self, mut link: Link, id: u64) -> Result<(), ReplicationError> {
+    fn serve_inner(
+        &self,
+        mut link: Link,
+        id: u64,
+        hello: Option<Hello>,
+    ) -> Result<(), ReplicationError> {
         let (mode, resync) = {
             let _g = self.apply_lock.lock();
             if !self.is_current(id) {
                 return Ok(());
             }
-            self.handshake(&mut link)?
+            self.handshake(&mut link, hello)?
         };
         let peer = link.peer().node_id.clone();
         let (tx, mut rx) = link.split();
@@ -334,21 +350,14 @@ impl Backup {
 
     /// Hello, version and size, welcome, generations: the mode and whether
     /// a resync follows, or a refusal (sent to the primary too).
-    fn handshake(&self, link: &mut Link) -> Result<(Mode, bool), ReplicationError> {
-        let frame = link
-            .recv()
-            .map_err(|source| ReplicationError::Recv { source })?;
-        let hello = match Msg::decode(frame.msg_type, &frame.payload) {
-            Ok(Msg::Hello(h)) => h,
-            Ok(other) => {
-                let reason = format!("expected a hello, got {:?}", other.msg_type());
-                let _ = link.send_error(error_code::PROTOCOL, &reason);
-                return Err(ReplicationError::Protocol { reason });
-            }
-            Err(source) => {
-                let _ = link.send_error(error_code::PROTOCOL, &source.to_string());
-                return Err(ReplicationError::Wire { source });
-            }
+    fn handshake(
+        &self,
+        link: &mut Link,
+        hello: Option<Hello>,
+    ) -> Result<(Mode, bool), ReplicationError> {
+        let hello = match hello {
+            Some(h) => h,
+            None => recv_hello(link)?,
         };
         let refuse = |link: &Link, e: ReplicationError| {
             let _ = link.send_error(error_code::REFUSED, &e.to_string());
@@ -753,4 +762,26 @@ fn ack(tx: &LinkSender, seq: u64, code: u32, text: &str) -> Result<(), Replicati
     .map_err(|source| ReplicationError::Wire { source })?;
     tx.send(t, &body)
         .map_err(|source| ReplicationError::Send { source })
+}
+
+/// Read a primary's first message, its hello (see
+/// [`Backup::serve_after_hello`]); a link that starts otherwise gets a
+/// protocol error.
+pub fn recv_hello(link: &mut Link) -> Result<Hello, ReplicationError> {
+    let frame = link
+        .recv()
+        .map_err(|source| ReplicationError::Recv { source })?;
+    let hello = match Msg::decode(frame.msg_type, &frame.payload) {
+        Ok(Msg::Hello(h)) => h,
+        Ok(other) => {
+            let reason = format!("expected a hello, got {:?}", other.msg_type());
+            let _ = link.send_error(error_code::PROTOCOL, &reason);
+            return Err(ReplicationError::Protocol { reason });
+        }
+        Err(source) => {
+            let _ = link.send_error(error_code::PROTOCOL, &source.to_string());
+            return Err(ReplicationError::Wire { source });
+        }
+    };
+    Ok(hello)
 }

@@ -31,10 +31,10 @@ mod primary;
 mod session;
 pub mod wire;
 
-pub use backup::{Backup, BackupConfig, BackupStats, ReadOnlyView};
+pub use backup::{Backup, BackupConfig, BackupStats, ReadOnlyView, recv_hello};
 pub use error::{DecodeError, RecordError, ReplicationError};
 pub use observer::ReplicaObserver;
 pub use primary::{
     BITMAP, DEFAULT_GRANULARITY, PURPOSE, Primary, PrimaryConfig, State, Status, VerifyReport,
 };
-pub use wire::Mode;
+pub use wire::{Hello, Mode};

@@ -9,6 +9,7 @@ mod metrics;
 mod migrate;
 mod nbd_client;
 mod nbd_tls;
+mod replicate;
 mod serve;
 mod spec;
 mod vm;
@@ -74,6 +75,15 @@ enum Command {
         control: PathBuf,
         #[command(subcommand)]
         cmd: vm::VmCmd,
+    },
+    /// Replicate an export continuously to a backup server, and fail over
+    /// to it (docs/replication.md).
+    Replicate {
+        /// Control socket of the server.
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+        #[command(subcommand)]
+        cmd: replicate::ReplicateCmd,
     },
     /// Make a cluster CA and node certificates for TLS links.
     Certs {
@@ -187,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bitmap { control, cmd } => bitmap_cmd(&control, cmd),
         Command::Export { control, cmd } => export_cmd(&control, cmd),
         Command::Vm { control, cmd } => vm::run(&control, cmd),
+        Command::Replicate { control, cmd } => replicate::run(&control, cmd),
     }
 }
 

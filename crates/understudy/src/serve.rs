@@ -153,6 +153,7 @@ pub struct Daemon {
     persist_interval: Duration,
     vms: crate::vm::VmHost,
     migration: Arc<crate::migrate::Manager>,
+    replication: Arc<crate::replicate::Replicator>,
     nbd: Server,
     accept_threads: Vec<std::thread::JoinHandle<()>>,
     /// Bound TCP addresses (resolved, so port 0 shows the real port).
@@ -395,6 +396,17 @@ impl Daemon {
             exports.values().filter_map(|st| st.migratable.clone()),
         )?;
         let vms = crate::vm::VmHost::new(&args.vm, &args.control, args.socket.first(), &nbd)?;
+        let replication = Arc::new(crate::replicate::Replicator::new(
+            &nbd,
+            migration.peer(),
+            args.migration.accept_migrations.clone(),
+            args.migration
+                .received_journal
+                .0
+                .as_ref()
+                .map(|j| j.config()),
+        ));
+        replication.serve_existing()?;
         let (stop_tx, stop_rx) = mpsc::channel();
         let daemon = Arc::new(Self {
             exports: RwLock::new(exports),
@@ -402,18 +414,23 @@ impl Daemon {
             persist_interval: args.persist_interval,
             vms,
             migration,
+            replication,
             nbd,
             accept_threads,
             tcp_addrs,
             stop_tx,
             stop_rx: Mutex::new(Some(stop_rx)),
         });
-        // VM migrations arrive on the migration listener (purpose dispatch).
+        // VM migrations and replicas arrive on the migration listener
+        // (purpose dispatch).
         let weak = Arc::downgrade(&daemon);
         daemon
             .migration
             .set_link_handler(Arc::new(move |link| match weak.upgrade() {
-                Some(d) => d.vms.accept_link(link, &*d),
+                Some(d) => d
+                    .replication
+                    .accept_link(link)
+                    .and_then(|link| d.vms.accept_link(link, &*d)),
                 None => Some(link),
             }));
         Ok(daemon)
@@ -439,6 +456,7 @@ impl Daemon {
     pub fn shutdown(&self) -> Result<()> {
         let mut failed = self.vms.shutdown(self);
         self.nbd.shutdown_handle().shutdown();
+        self.replication.shutdown();
         self.migration.shutdown();
         for (name, st) in self.exports.read().iter() {
             if !close_export(name, st) {
@@ -646,6 +664,7 @@ impl Daemon {
             m if m.starts_with("bitmap.") => self.bitmap_method(m, &req.params),
             m if m.starts_with("migration.") => self.migration.handle(m, &req.params),
             m if m.starts_with("vm.") => self.vms.handle(m, &req.params, self),
+            m if m.starts_with("replicate.") => self.replication.handle(m, &req.params, self),
             m => Response::err(
                 0,
                 "bad_request",
@@ -860,5 +879,44 @@ impl crate::vm::ExportHost for Daemon {
         }
         tracing::info!(export = %name, "export released");
         Ok(())
+    }
+}
+
+impl crate::replicate::PrimaryHost for Daemon {
+    /// The library wants the whole stack: the persister is lent to it for
+    /// the call (it only reads the name, image, store and filter) and the
+    /// block slot holds the filter's inner disk.
+    fn start_primary(
+        &self,
+        name: &str,
+        cfg: understudy_replication::PrimaryConfig,
+    ) -> Result<understudy_replication::Primary, (&'static str, String)> {
+        let st = self.export(name).map_err(|_| {
+            (
+                "not_found",
+                format!("no export {name:?}: see `understudy export list`"),
+            )
+        })?;
+        let (Some(src), Some(persister)) = (st.migratable.clone(), st.persister.lock().take())
+        else {
+            return Err((
+                "unsupported",
+                format!("export {name:?} is read-only: nothing to replicate"),
+            ));
+        };
+        let stack = ExportStack {
+            name: src.name,
+            image: src.image,
+            format: src.format,
+            block: src.filter.inner().clone(),
+            journal: src.journal,
+            store: src.store,
+            filter: src.filter,
+            switch: src.switch,
+            persister,
+        };
+        let r = understudy_replication::Primary::start(&stack, cfg);
+        *st.persister.lock() = Some(stack.persister);
+        r.map_err(|e| ("refused", understudy_block::error_chain(&e)))
     }
 }
