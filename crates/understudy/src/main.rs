@@ -59,8 +59,8 @@ enum Command {
     /// Move an export to another server while its clients keep writing
     /// (through the control socket of the server that has it).
     Migrate(migrate::MigrateArgs),
-    /// Run the built-in demo: serve a small image, write to it over NBD and
-    /// show which blocks the dirty bitmap recorded.
+    /// Run the built-in demo: a tiny guest printing a counter moves live
+    /// between two daemons and back (`demo nbd`: the block filter alone).
     Demo(demo::DemoArgs),
     /// Memory checkpoint sync: record guest memory traces and replay them.
     Mem {
