@@ -1,5 +1,5 @@
 //! A minimal blocking NBD client (fixed newstyle, NBD_OPT_GO, simple
-//! replies, one request at a time). It exists so `understudy demo` needs no
+//! replies, one request at a time). It exists so `understudy demo nbd` needs no
 //! external tool; the tests drive the server with qemu-io, qemu-img, nbdinfo
 //! and nbdcopy instead.
 
