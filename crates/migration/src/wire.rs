@@ -394,68 +394,22 @@ pub enum WireError {
     },
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
-}
+type Reader<'a> = understudy_peer::codec::Reader<'a, WireError>;
 
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], what: &'static str) -> Self {
-        Self { buf, what }
+impl understudy_peer::codec::DecodeError for WireError {
+    fn truncated(what: &'static str) -> Self {
+        WireError::Truncated { what }
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.buf.len() < n {
-            return Err(WireError::Truncated { what: self.what });
+    fn bounds(what: &'static str, field: &'static str, value: u64, max: u64) -> Self {
+        WireError::Bounds {
+            what,
+            field,
+            value,
+            max,
         }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
     }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_be_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(a))
-    }
-    fn id16(&mut self) -> Result<[u8; 16], WireError> {
-        let mut a = [0u8; 16];
-        a.copy_from_slice(self.take(16)?);
-        Ok(a)
-    }
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.buf)
-    }
-    fn bounded(&self, field: &'static str, value: u64, max: u64) -> Result<u64, WireError> {
-        if value > max {
-            return Err(WireError::Bounds {
-                what: self.what,
-                field,
-                value,
-                max,
-            });
-        }
-        Ok(value)
-    }
-    fn end(self) -> Result<(), WireError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::Trailing {
-                what: self.what,
-                extra: self.buf.len(),
-            })
-        }
+    fn trailing(what: &'static str, extra: usize) -> Self {
+        WireError::Trailing { what, extra }
     }
 }
 
@@ -660,8 +614,8 @@ impl<'a> Msg<'a> {
                         field: "version range",
                     });
                 }
-                let migration_id = r.id16()?;
-                let disk_id = r.id16()?;
+                let migration_id = r.array::<16>()?;
+                let disk_id = r.array::<16>()?;
                 let generation = r.u64()?;
                 let base_generation = r.u64()?;
                 let size = r.u64()?;
@@ -732,7 +686,7 @@ impl<'a> Msg<'a> {
                 let n = r.u32()? as u64;
                 let n = r.bounded("count", n, MAX_RANGES as u64)? as usize;
                 // The payload must hold them all before anything is allocated.
-                if r.buf.len() != n * 16 {
+                if r.remaining() != n * 16 {
                     return Err(WireError::Truncated { what: "Have" });
                 }
                 let mut ranges = Vec::with_capacity(n);
@@ -930,7 +884,7 @@ pub fn decode_hashes(body: &[u8]) -> Result<Vec<(u64, u8)>, WireError> {
     let mut r = Reader::new(body, "hash reply");
     let n = r.u32()? as u64;
     let n = r.bounded("count", n, MAX_HASHES as u64)? as usize;
-    if r.buf.len() != n * 9 {
+    if r.remaining() != n * 9 {
         return Err(WireError::Truncated { what: "hash reply" });
     }
     let mut out = Vec::with_capacity(n);

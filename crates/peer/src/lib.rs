@@ -56,6 +56,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod codec;
 mod config;
 mod error;
 pub mod frame;

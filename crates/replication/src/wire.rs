@@ -348,56 +348,40 @@ pub fn negotiate(min: u16, max: u16) -> Result<u16, WireError> {
     Ok(v)
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    what: &'static str,
+type Reader<'a> = understudy_peer::codec::Reader<'a, WireError>;
+
+impl understudy_peer::codec::DecodeError for WireError {
+    fn truncated(what: &'static str) -> Self {
+        WireError::Truncated { what }
+    }
+    fn bounds(what: &'static str, field: &'static str, value: u64, max: u64) -> Self {
+        WireError::Bounds {
+            what,
+            field,
+            value,
+            max,
+        }
+    }
+    fn trailing(what: &'static str, extra: usize) -> Self {
+        WireError::Trailing { what, extra }
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8], what: &'static str) -> Self {
-        Self { buf, what }
-    }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.buf.len() < n {
-            return Err(WireError::Truncated { what: self.what });
-        }
-        let (a, b) = self.buf.split_at(n);
-        self.buf = b;
-        Ok(a)
-    }
-    fn u8(&mut self) -> Result<u8, WireError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, WireError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, WireError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_be_bytes(a))
-    }
-    fn u64(&mut self) -> Result<u64, WireError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(a))
-    }
-    fn bounded(&self, field: &'static str, value: u64, max: u64) -> Result<usize, WireError> {
-        if value > max {
-            return Err(WireError::Bounds {
-                what: self.what,
-                field,
-                value,
-                max,
-            });
-        }
-        Ok(value as usize)
-    }
+/// The fields only this protocol has, read through the shared cursor.
+trait Fields {
+    fn flags(&mut self) -> Result<u8, WireError>;
+    fn text(&mut self, max: usize) -> Result<String, WireError>;
+    fn gens(&mut self) -> Result<Generations, WireError>;
+    fn copy_info(&mut self) -> Result<CopyInfo, WireError>;
+    fn range(&self, offset: u64, len: u64) -> Result<(), WireError>;
+}
+
+impl Fields for Reader<'_> {
     fn flags(&mut self) -> Result<u8, WireError> {
         let f = self.u8()?;
         if f & !flags::ALL != 0 {
             return Err(WireError::Invalid {
-                what: self.what,
+                what: self.what(),
                 field: "flags",
             });
         }
@@ -405,10 +389,10 @@ impl<'a> Reader<'a> {
     }
     fn text(&mut self, max: usize) -> Result<String, WireError> {
         let n = self.u16()?;
-        let n = self.bounded("text length", u64::from(n), max as u64)?;
+        let n = self.bounded("text length", u64::from(n), max as u64)? as usize;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::Invalid {
-            what: self.what,
+            what: self.what(),
             field: "text (not UTF-8)",
         })
     }
@@ -416,7 +400,7 @@ impl<'a> Reader<'a> {
         let current = self.u64()?;
         let bitmap = self.u64()?;
         let n = self.u8()?;
-        let n = self.bounded("history length", u64::from(n), MAX_HISTORY as u64)?;
+        let n = self.bounded("history length", u64::from(n), MAX_HISTORY as u64)? as usize;
         let mut history = Vec::with_capacity(n);
         for _ in 0..n {
             history.push(self.u64()?);
@@ -434,7 +418,7 @@ impl<'a> Reader<'a> {
             1 => true,
             _ => {
                 return Err(WireError::Invalid {
-                    what: self.what,
+                    what: self.what(),
                     field: "crashed_primary",
                 });
             }
@@ -449,21 +433,11 @@ impl<'a> Reader<'a> {
     fn range(&self, offset: u64, len: u64) -> Result<(), WireError> {
         if offset.checked_add(len).is_none() {
             return Err(WireError::Invalid {
-                what: self.what,
+                what: self.what(),
                 field: "offset + len overflows",
             });
         }
         Ok(())
-    }
-    fn end(self) -> Result<(), WireError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(WireError::Trailing {
-                what: self.what,
-                extra: self.buf.len(),
-            })
-        }
     }
 }
 
@@ -740,7 +714,7 @@ fn decode_write(payload: &[u8]) -> Result<Msg<'_>, WireError> {
     let (seq, offset) = (r.u64()?, r.u64()?);
     let flags = r.flags()?;
     let hash = r.u64()?;
-    let data = std::mem::take(&mut r.buf);
+    let data = r.rest();
     r.bounded("data", data.len() as u64, MAX_DATA as u64)?;
     r.range(offset, data.len() as u64)?;
     if extent_hash(data) != hash {
@@ -779,16 +753,16 @@ fn decode_hashes(payload: &[u8]) -> Result<Msg<'_>, WireError> {
     let mut r = Reader::new(payload, "Hashes");
     let seq = r.u64()?;
     let n = r.u32()?;
-    let n = r.bounded("hashes", u64::from(n), MAX_HASHES as u64)?;
+    let n = r.bounded("hashes", u64::from(n), MAX_HASHES as u64)? as usize;
     // The count is also checked against what is really there before the
     // allocation, so a short frame cannot ask for 512 KiB.
-    if r.buf.len() != n * 8 {
-        return Err(if r.buf.len() < n * 8 {
+    if r.remaining() != n * 8 {
+        return Err(if r.remaining() < n * 8 {
             WireError::Truncated { what: "Hashes" }
         } else {
             WireError::Trailing {
                 what: "Hashes",
-                extra: r.buf.len() - n * 8,
+                extra: r.remaining() - n * 8,
             }
         });
     }
