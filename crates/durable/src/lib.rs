@@ -125,6 +125,22 @@ pub fn replace_with(
     Ok(())
 }
 
+/// Read at most `max + 1` bytes of the small file `path`, the counterpart of
+/// [`replace`] for records: `None` if it does not exist. A result longer
+/// than `max` means the file is larger than any valid record (the caller
+/// reports it), without ever reading more than one byte past the cap.
+pub fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    f.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    Ok(Some(bytes))
+}
+
 /// fsync a directory, making renames and creations in it durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -179,6 +195,19 @@ mod tests {
         .expect_err("injected fault");
         assert_eq!(err.step, Step::SyncDir);
         assert_eq!(std::fs::read(&p).expect("read"), b"new");
+    }
+
+    #[test]
+    fn read_capped_reads_small_files_and_stops_past_the_cap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("rec");
+        assert!(read_capped(&p, 4).expect("missing").is_none());
+        replace(&p, b"abcdefgh").expect("write");
+        assert_eq!(
+            read_capped(&p, 16).expect("read"),
+            Some(b"abcdefgh".to_vec())
+        );
+        assert_eq!(read_capped(&p, 4).expect("read"), Some(b"abcde".to_vec()));
     }
 
     #[test]

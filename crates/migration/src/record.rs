@@ -17,8 +17,6 @@
 //! source that crashes between the two finds `Handing` and refuses to serve
 //! until the operator has checked the target.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -244,18 +242,11 @@ pub fn decode(bytes: &[u8]) -> Result<OwnerRecord, DecodeError> {
 /// Read the record of `image`; `None` if there is none.
 pub fn load(image: &Path) -> Result<Option<OwnerRecord>, RecordError> {
     let path = record_path(image);
-    let f = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+    let bytes = match understudy_durable::read_capped(&path, MAX_RECORD_LEN) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
         Err(source) => return Err(RecordError::Read { path, source }),
     };
-    let mut bytes = Vec::new();
-    f.take(MAX_RECORD_LEN + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| RecordError::Read {
-            path: path.clone(),
-            source,
-        })?;
     if bytes.len() as u64 > MAX_RECORD_LEN {
         return Err(RecordError::Corrupt {
             path,

@@ -19,8 +19,6 @@
 //! applies.
 
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -519,18 +517,11 @@ pub fn decode(bytes: &[u8]) -> Result<GenRecord, DecodeError> {
 /// Read the record of `image`; `None` if there is none.
 pub fn load(image: &Path) -> Result<Option<GenRecord>, RecordError> {
     let path = record_path(image);
-    let f = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+    let bytes = match understudy_durable::read_capped(&path, MAX_RECORD_LEN) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
         Err(source) => return Err(RecordError::Read { path, source }),
     };
-    let mut bytes = Vec::new();
-    f.take(MAX_RECORD_LEN + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| RecordError::Read {
-            path: path.clone(),
-            source,
-        })?;
     decode(&bytes)
         .map(Some)
         .map_err(|source| RecordError::Corrupt { path, source })
